@@ -1,0 +1,284 @@
+"""Load and validate `billingd.toml`: every error is collected with its TOML path.
+
+msgspec stops at the first error; operators want all of them at once (`billingd check`), so the
+tree is first walked field by field against the Struct types, then decoded in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from billingd.config.durations import Duration
+from billingd.config.env import expand_tree
+from billingd.config.model import Settings, SqsSourceSettings
+
+T = TypeVar("T")
+
+#: Keys whose values are secrets → the variable DESIGN §4 reads them from. A secret must come
+#: from the environment (`${VAR}`), never be written in the file.
+SECRET_KEYS = {
+    "stripe.api_key": "STRIPE_SECRET_KEY",
+    "stripe.webhook_secret": "STRIPE_WEBHOOK_SECRET",
+    "razorpay.key_secret": "RAZORPAY_KEY_SECRET",
+    "razorpay.webhook_secret": "RAZORPAY_WEBHOOK_SECRET",
+}
+
+
+class ConfigError(Exception):
+    """An invalid configuration. `errors` holds one `"path: message"` line per problem."""
+
+    def __init__(self, errors: list[str], path: str | None = None) -> None:
+        self.errors = errors
+        self.path = path
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}{len(errors)} configuration error(s):\n  " + "\n  ".join(errors))
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, expand and validate the TOML file at `path`.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or invalid; `errors` lists every problem.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], str(path)) from exc
+    try:
+        return parse_config(text, environ)
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, str(path)) from None
+
+
+def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate TOML `text` (see `load_config`). `environ` defaults to `os.environ`.
+
+    Raises:
+        ConfigError: with every error found.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"]) from None
+    tree, expansion = expand_tree(raw, os.environ if environ is None else environ)
+    errors = list(expansion.errors)
+    errors += _secrets_from_env(raw, expansion.from_env)
+    _walk(tree, Settings, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    settings = msgspec.convert(tree, Settings, strict=False, dec_hook=_dec_hook)
+    errors += semantic_errors(settings)
+    if errors:
+        raise ConfigError(errors)
+    return settings
+
+
+def semantic_errors(settings: Settings) -> list[str]:
+    """Rules that span several keys (ordering of durations, unique names)."""
+    errors: list[str] = []
+
+    def order(path: str, low_key: str, low: float, high_key: str, high: float) -> None:
+        if low > high:
+            errors.append(f"{path}.{low_key}: must not exceed {high_key} ({low:g}s > {high:g}s)")
+
+    sup = settings.supervisor
+    order("supervisor", "backoff_initial", sup.backoff_initial, "backoff_max", sup.backoff_max)
+    for name in settings.breakers:
+        resolved = settings.breaker(name)
+        order(
+            f'breakers."{name}"',
+            "reset_timeout",
+            resolved.reset_timeout,
+            "reset_timeout_max",
+            resolved.reset_timeout_max,
+        )
+    seen: dict[str, int] = {}
+    for i, source in enumerate(settings.sources):
+        path = f"sources[{i}]"
+        if source.name in seen:
+            errors.append(f"{path}.name: {source.name!r} is already the name of sources[{seen[source.name]}]")
+        seen.setdefault(source.name, i)
+        order(path, "retry_initial", source.retry_initial, "retry_max", source.retry_max)
+        if source.ack_flush > 0.1:
+            errors.append(f"{path}.ack_flush: expected at most 100ms, got {source.ack_flush * 1000:g}ms")
+        if isinstance(source, SqsSourceSettings):
+            if source.wait_time > 20:
+                errors.append(
+                    f"{path}.wait_time: expected at most 20s (the SQS long-poll limit), got {source.wait_time:g}s"
+                )
+            if not 1 <= source.visibility_timeout <= 43200:
+                errors.append(
+                    f"{path}.visibility_timeout: expected between 1s and 12h, got {source.visibility_timeout:g}s"
+                )
+    return errors
+
+
+def _secrets_from_env(raw: dict[str, Any], from_env: set[str]) -> list[str]:
+    errors = []
+    for key, var in SECRET_KEYS.items():
+        section, name = key.split(".")
+        table = raw.get(section)
+        value = table.get(name) if isinstance(table, dict) else None
+        if isinstance(value, str) and value and key not in from_env:
+            errors.append(
+                f'{key}: a secret must come from the environment: write "${{{var}}}" '
+                f"and set {var}, not the value itself"
+            )
+    return errors
+
+
+def check_value(value: Any, typ: Any, path: str) -> list[str]:
+    """Every problem of `value` against type `typ` (a Struct, a container of Structs, or a leaf
+    type), as `"path: message"` lines. Used for tables validated outside `Settings`, such as a
+    source's `handler_options`."""
+    errors: list[str] = []
+    _walk(value, typ, path, errors)
+    return errors
+
+
+def convert(value: Any, typ: type[T]) -> T:
+    """Decode an already-checked `value` into `typ` with the config's rules (durations, lax
+    scalars). Raises msgspec.ValidationError when `check_value` would have reported errors."""
+    return msgspec.convert(value, typ, strict=False, dec_hook=_dec_hook)
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Duration:
+        if isinstance(obj, str):
+            return Duration(obj)
+        raise ValueError(f'expected a duration such as "500ms", "30s" or "5m", got {_show(obj)}')
+    raise NotImplementedError(f"no decoder for {typ!r}")
+
+
+def _walk(value: Any, typ: Any, path: str, errors: list[str]) -> None:
+    """Check `value` against `typ`, appending `"path: message"` for every problem found."""
+    struct = _struct_choice(value, typ, path, errors)
+    if struct is _INVALID:
+        return
+    if struct is not None:
+        _walk_struct(value, struct, path, errors)
+        return
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is list and _has_struct(args[0]):
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected an array of tables, got {_show(value)}")
+            return
+        for i, item in enumerate(value):
+            _walk(item, args[0], f"{path}[{i}]", errors)
+        return
+    if origin is dict and _has_struct(args[1]):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a table, got {_show(value)}")
+            return
+        for key, item in value.items():
+            key_path = f'{path}."{key}"'
+            _leaf(key, args[0], key_path, errors)
+            _walk(item, args[1], key_path, errors)
+        return
+    _leaf(value, typ, path, errors)
+
+
+_INVALID = object()
+
+
+def _struct_choice(value: Any, typ: Any, path: str, errors: list[str]) -> Any:
+    """The Struct type `value` should be checked as, None for a non-Struct type, `_INVALID` on error."""
+    if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+        return typ
+    members = [a for a in typing.get_args(typ) if isinstance(a, type) and issubclass(a, msgspec.Struct)]
+    if not members or typing.get_origin(typ) not in (typing.Union, types.UnionType):
+        return None
+    if not isinstance(value, dict):
+        errors.append(f"{path}: expected a table, got {_show(value)}")
+        return _INVALID
+    infos = {msgspec.inspect.type_info(m).tag: m for m in members}
+    tag_field = msgspec.inspect.type_info(members[0]).tag_field
+    tag = value.get(tag_field)
+    if tag not in infos:
+        choices = " | ".join(f'"{t}"' for t in infos)
+        got = "nothing" if tag is None else _show(tag)
+        errors.append(f"{path}.{tag_field}: expected one of {choices}, got {got}")
+        return _INVALID
+    return infos[tag]
+
+
+def _walk_struct(value: Any, struct: type[msgspec.Struct], path: str, errors: list[str]) -> None:
+    if not isinstance(value, dict):
+        errors.append(f"{path or 'the file'}: expected a table, got {_show(value)}")
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    tag_field = msgspec.inspect.type_info(struct).tag_field
+    prefix = f"{path}." if path else ""
+    for key in value:
+        if key not in fields and key != tag_field:
+            known = ", ".join(sorted(fields))
+            errors.append(f"{prefix}{key}: unknown key (known keys: {known})")
+    for key, f in fields.items():
+        if key in value:
+            _walk(value[key], f.type, f"{prefix}{key}", errors)
+        elif f.required:
+            errors.append(f"{prefix}{key}: required key is missing")
+
+
+def _leaf(value: Any, typ: Any, path: str, errors: list[str]) -> None:
+    try:
+        msgspec.convert(value, typ, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        errors.append(f"{path}: {_explain(exc, value, typ)}")
+
+
+def _explain(exc: msgspec.ValidationError, value: Any, typ: Any) -> str:
+    message = str(exc).split(" - at `", 1)[0]
+    description = _description(typ)
+    literals = _literals(typ)
+    if description:
+        return f"expected {description}, got {_show(value)}"
+    if literals:
+        return f"expected one of {' | '.join(map(str, literals))}, got {_show(value)}"
+    message = message.replace("`", "")
+    message = message[0].lower() + message[1:]
+    if ", got " in message:
+        message = message.split(", got ", 1)[0]
+    if message.startswith("expected"):
+        return f"{message}, got {_show(value)}"
+    return message
+
+
+def _description(typ: Any) -> str | None:
+    for candidate in (typ, *typing.get_args(typ)):
+        for meta in getattr(candidate, "__metadata__", ()):
+            if isinstance(meta, msgspec.Meta) and meta.description:
+                return meta.description
+    return None
+
+
+def _literals(typ: Any) -> tuple[Any, ...]:
+    if typing.get_origin(typ) is typing.Literal:
+        return typing.get_args(typ)
+    return ()
+
+
+def _has_struct(typ: Any) -> bool:
+    if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+        return True
+    return any(_has_struct(a) for a in typing.get_args(typ))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)

@@ -1,0 +1,197 @@
+"""The typed shape of `billingd.toml` (DESIGN §4): msgspec Structs, unknown keys rejected.
+
+Durations are `Duration` (float seconds) written as strings (`"30s"`). Every Struct is frozen:
+a running daemon never mutates its settings; a reload builds new ones.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, field
+
+from billingd.config.durations import Duration
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+SourceName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="a name of letters, digits, '.', '_' or '-' (at most 63)",
+    ),
+]
+BreakerName = Annotated[
+    str,
+    Meta(
+        pattern=r"^(default|redis|stripe|razorpay|forward:[A-Za-z0-9_.-]+)$",
+        description='a breaker name: default, redis, stripe, razorpay or "forward:<name>"',
+    ),
+]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of every table: unknown keys are errors, values are immutable."""
+
+
+class DaemonSettings(_Section):
+    """`[daemon]`: process lifecycle and logging."""
+
+    drain_timeout: Duration = Duration(25)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+
+class HttpSettings(_Section):
+    """`[http]`: the only HTTP surface, `/metrics`, `/healthz`, `/readyz`."""
+
+    listen: Annotated[
+        str,
+        Meta(
+            pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):\d{1,5}$",
+            description='a "host:port" address such as "127.0.0.1:9464"',
+        ),
+    ] = "127.0.0.1:9464"
+
+    @property
+    def host(self) -> str:
+        """The host part of `listen`, brackets of an IPv6 literal removed."""
+        return self.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def port(self) -> int:
+        """The port part of `listen`."""
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+class SupervisorSettings(_Section):
+    """`[supervisor]`: one_for_one restart intensity and backoff (DESIGN §3)."""
+
+    max_restarts: Annotated[int, Meta(ge=0)] = 5
+    max_seconds: Annotated[float, Meta(gt=0)] = 60
+    backoff_initial: Duration = Duration(0.5)
+    backoff_max: Duration = Duration(30)
+
+
+class RedisSettings(_Section):
+    """`[redis]`: the ledger's Redis. `timeout` bounds connect and every command (seconds)."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: Duration = Duration(2)
+    max_connections: PositiveInt = 64
+
+
+class StripeSettings(_Section):
+    """`[stripe]`: API access; `meters` maps a usage event type to a Stripe meter `event_name`."""
+
+    api_key: str = ""
+    api_base: str = "https://api.stripe.com"
+    webhook_secret: str = ""
+    webhook_tolerance: Duration = Duration(300)
+    timeout: Duration = Duration(10)
+    meters: dict[str, str] = field(default_factory=dict)
+
+
+class RazorpaySettings(_Section):
+    """`[razorpay]`: API keys and the webhook secret used to verify `X-Razorpay-Signature`."""
+
+    key_id: str = ""
+    key_secret: str = ""
+    webhook_secret: str = ""
+    api_base: str = "https://api.razorpay.com"
+
+
+class BreakerSettings(_Section):
+    """`[breakers.<name>]`: a circuit breaker (DESIGN §3). Missing keys fall back to `default`."""
+
+    failure_threshold: PositiveInt | None = None
+    reset_timeout: Duration | None = None
+    reset_timeout_max: Duration | None = None
+
+
+class ResolvedBreaker(msgspec.Struct, frozen=True):
+    """A breaker's effective settings after merging `[breakers.<name>]` over `[breakers.default]`."""
+
+    failure_threshold: int = 5
+    reset_timeout: float = 5.0
+    reset_timeout_max: float = 60.0
+
+
+class SourceSettings(_Section, tag_field="type"):
+    """Keys shared by every `[[sources]]` entry (DESIGN §4)."""
+
+    name: SourceName
+    handler: str
+    prefetch: Annotated[int, Meta(ge=1, le=10000)] = 10
+    concurrency: PositiveInt | None = None
+    max_attempts: PositiveInt = 5
+    retry_initial: Duration = Duration(1)
+    retry_max: Duration = Duration(300)
+    partition_by: str | None = None
+    ack_flush: Duration = Duration(0.1)
+    handler_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def workers(self) -> int:
+        """The number of concurrent handler calls: `concurrency`, else `prefetch`."""
+        return self.concurrency or self.prefetch
+
+
+class SqsSourceSettings(SourceSettings, tag="sqs", kw_only=True):
+    """An SQS queue (`type = "sqs"`)."""
+
+    queue_url: str
+    dead_letter_queue_url: str = ""
+    region: str = "us-east-1"
+    endpoint_url: str = ""
+    wait_time: Duration = Duration(20)
+    visibility_timeout: Duration = Duration(60)
+
+
+class AmqpSourceSettings(SourceSettings, tag="amqp", kw_only=True):
+    """A RabbitMQ queue bound to an exchange (`type = "amqp"`)."""
+
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    exchange: str
+    exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
+    queue: Annotated[str, Meta(min_length=1, max_length=250)]
+    routing_keys: list[str] = field(default_factory=list)
+    queue_arguments: dict[str, Any] = field(default_factory=dict)
+
+
+AnySource = SqsSourceSettings | AmqpSourceSettings
+
+
+class Settings(_Section):
+    """The whole of `billingd.toml`."""
+
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    stripe: StripeSettings = field(default_factory=StripeSettings)
+    razorpay: RazorpaySettings = field(default_factory=RazorpaySettings)
+    breakers: dict[BreakerName, BreakerSettings] = field(default_factory=dict)
+    sources: list[AnySource] = field(default_factory=list)
+
+    def breaker(self, name: str) -> ResolvedBreaker:
+        """Effective settings of breaker `name` (`redis`, `stripe`, `forward:<x>`, …)."""
+        base = ResolvedBreaker()
+        for table in (self.breakers.get("default"), self.breakers.get(name)):
+            if table is None:
+                continue
+            base = ResolvedBreaker(
+                failure_threshold=table.failure_threshold or base.failure_threshold,
+                reset_timeout=table.reset_timeout if table.reset_timeout is not None else base.reset_timeout,
+                reset_timeout_max=(
+                    table.reset_timeout_max if table.reset_timeout_max is not None else base.reset_timeout_max
+                ),
+            )
+        return base
+
+    def source(self, name: str) -> AnySource:
+        """The source named `name`. Raises KeyError when there is none."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise KeyError(name)
