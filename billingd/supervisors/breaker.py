@@ -1,0 +1,215 @@
+"""Circuit breakers, one per downstream (DESIGN §3), shared by every source that uses it.
+
+closed ──(failure_threshold consecutive transient failures)──▶ open
+open ──(reset_timeout elapsed; the next call is the probe)──▶ half-open
+half-open ──probe succeeds──▶ closed          half-open ──probe fails──▶ open, timeout doubled
+                                              (up to reset_timeout_max)
+
+Only `DownstreamUnavailable` counts as a failure; any answer from the downstream (including a
+permanent 4xx, `DownstreamRejected`) is a success. While half-open, calls other than the probe
+wait for its result instead of failing, so a recovered downstream is not met with a burst of
+retries. Time is `anyio.current_time()` (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+import anyio
+import structlog
+
+from billingd.clients.errors import CircuitOpen, DownstreamRejected, DownstreamUnavailable
+from billingd.config.model import Settings
+from billingd.supervisors.metrics import Metrics
+
+T = TypeVar("T")
+log = structlog.get_logger("billingd.breaker")
+
+
+class BreakerState(enum.IntEnum):
+    """Exported as `billingd_circuit_breaker_state`."""
+
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class CircuitBreaker:
+    """One downstream's breaker; satisfies `billingd.clients.errors.Guard`."""
+
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int,
+        reset_timeout: float,
+        reset_timeout_max: float,
+        on_change: Callable[[CircuitBreaker], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.reset_timeout = reset_timeout
+        self.reset_timeout_max = reset_timeout_max
+        self.state = BreakerState.CLOSED
+        self.failures = 0
+        self.timeout = reset_timeout
+        self.open_until = 0.0
+        self._probing = False
+        self._changed = anyio.Event()
+        self._on_change = on_change
+
+    # -- Guard -------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run `await fn(*args)` if admitted, recording the result.
+
+        Raises:
+            CircuitOpen: open and not yet due for a probe.
+            DownstreamUnavailable: from `fn` (recorded as a failure).
+        """
+        probe = await self._admit()
+        try:
+            result = await fn(*args)
+        except DownstreamUnavailable:
+            if probe or self.state is BreakerState.CLOSED:
+                self._failure()
+            raise
+        except DownstreamRejected:
+            self._success()  # a refusal is an answer: the downstream is up
+            raise
+        except BaseException:
+            if probe:  # cancelled or a bug, not an answer: let the next call probe
+                self._probing = False
+            raise
+        self._success()
+        return result
+
+    async def _admit(self) -> bool:
+        while True:
+            if self.state is BreakerState.CLOSED:
+                return False
+            if self.state is BreakerState.OPEN:
+                remaining = self.open_until - anyio.current_time()
+                if remaining > 0:
+                    raise CircuitOpen(self.name, remaining)
+                self._set(BreakerState.HALF_OPEN)
+            if not self._probing:
+                self._probing = True
+                return True
+            await self._changed.wait()
+
+    # -- transitions -------------------------------------------------------------------------
+
+    def _failure(self) -> None:
+        if self.state is BreakerState.HALF_OPEN:
+            self.timeout = min(self.timeout * 2, self.reset_timeout_max)
+            self._open()
+            return
+        self.failures += 1
+        if self.failures >= self.failure_threshold:
+            self.timeout = self.reset_timeout
+            self._open()
+
+    def _success(self) -> None:
+        self.failures = 0
+        if self.state is not BreakerState.CLOSED:
+            self.timeout = self.reset_timeout
+            self._set(BreakerState.CLOSED)
+
+    def _open(self) -> None:
+        self.open_until = anyio.current_time() + self.timeout
+        self._set(BreakerState.OPEN)
+
+    def _set(self, state: BreakerState) -> None:
+        previous, self.state = self.state, state
+        self._probing = False
+        self._changed.set()
+        self._changed = anyio.Event()
+        if state is BreakerState.OPEN:
+            log.warning(
+                "circuit breaker open",
+                breaker=self.name,
+                previous=previous.name.lower(),
+                retry_in=round(self.timeout, 3),
+                failures=self.failures,
+            )
+        else:
+            log.info(
+                f"circuit breaker {state.name.lower().replace('_', '-')}",
+                breaker=self.name,
+                previous=previous.name.lower(),
+            )
+        if state is BreakerState.CLOSED:
+            self.failures = 0
+        if self._on_change is not None:
+            self._on_change(self)
+
+    # -- what sources ask --------------------------------------------------------------------
+
+    @property
+    def blocking(self) -> bool:
+        """Open and not yet due for a probe: sources using it should not take messages."""
+        return self.state is BreakerState.OPEN and anyio.current_time() < self.open_until
+
+    async def changed(self) -> None:
+        """Wait for the next state change."""
+        await self._changed.wait()
+
+
+class BreakerBoard:
+    """The breakers of one daemon by downstream name, created on first use with the settings of
+    `[breakers.<name>]` over `[breakers.default]`."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def get(self, name: str) -> CircuitBreaker:
+        """The breaker of downstream `name` (`redis`, `stripe`, `forward:<x>`)."""
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            s = self._settings.breaker(name)
+            breaker = CircuitBreaker(name, s.failure_threshold, s.reset_timeout, s.reset_timeout_max, self._export)
+            self._breakers[name] = breaker
+            self._export(breaker)
+        return breaker
+
+    def _export(self, breaker: CircuitBreaker) -> None:
+        self._metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
+
+    def blocking(self, names: Iterable[str]) -> list[CircuitBreaker]:
+        """The breakers among `names` that are open and not yet due for a probe."""
+        return [b for b in map(self.get, names) if b.blocking]
+
+    async def wait_blocking(self, names: Iterable[str]) -> list[CircuitBreaker]:
+        """Wait until one of `names` blocks; return the blocking ones."""
+        breakers = [self.get(n) for n in names]
+        if not breakers:
+            await anyio.sleep_forever()
+        while True:
+            blocking = [b for b in breakers if b.blocking]
+            if blocking:
+                return blocking
+            async with anyio.create_task_group() as tg:
+                for breaker in breakers:
+                    tg.start_soon(_cancel_when_changed, breaker, tg.cancel_scope)
+
+    async def wait_admitting(self, names: Iterable[str]) -> None:
+        """Wait until none of `names` blocks (each closed, half-open, or due for a probe)."""
+        breakers = [self.get(n) for n in names]
+        while True:
+            blocking = [b for b in breakers if b.blocking]
+            if not blocking:
+                return
+            until = min(b.open_until for b in blocking)
+            with anyio.move_on_after(max(0.0, until - anyio.current_time())):
+                async with anyio.create_task_group() as tg:
+                    for breaker in blocking:
+                        tg.start_soon(_cancel_when_changed, breaker, tg.cancel_scope)
+
+
+async def _cancel_when_changed(breaker: CircuitBreaker, scope: anyio.CancelScope) -> None:
+    await breaker.changed()
+    scope.cancel()
