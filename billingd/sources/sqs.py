@@ -1,0 +1,417 @@
+"""AWS SQS transport (aioboto3): long polls, batched settlement, a visibility heartbeat.
+
+* `receive` long-polls (`wait_time` ≤ 20 s, up to 10 messages); the actor runs
+  `ceil(prefetch / 10)` receivers so that `prefetch` messages can be in hand.
+* `settle` batches up to 10 entries per call: acks are `DeleteMessageBatch`, retries and
+  releases `ChangeMessageVisibilityBatch` (retry = visibility set to the delay, release = 0),
+  dead-letters `SendMessageBatch` to `dead_letter_queue_url` with attributes `reason`,
+  `handler`, `attempts`, `original_message_id`, then delete. Failed entries are retried one by
+  one. Without a configured DLQ a dead letter is made visible again for the queue's own redrive
+  policy to move (logged). Every API call is counted in `billingd_broker_requests_total`.
+* Messages are received with a short visibility lease (`RECEIVE_LEASE`); the heartbeat extends
+  every message still in hand to `visibility_timeout` once half of its current visibility has
+  elapsed, and keeps extending it, so a slow handler is never redelivered to another consumer
+  (Shoryuken does this; Broadway, FastStream and Celery do not). The short first lease is for
+  shutdown: a long poll cancelled at SIGTERM stays open on the SQS side for the rest of its wait,
+  and a message handed to that abandoned poll would otherwise stay invisible for the whole
+  visibility timeout; with the lease it is back within seconds. Messages settled within half
+  the lease (the common case) cost no extension call.
+* Attempts come from `ApproximateReceiveCount`, minus the receives this process caused by
+  retries that must not count (an open circuit breaker), remembered per message id.
+* FIFO queues (`.fifo`): deliveries carry `MessageGroupId` as their partition key and the
+  source is *ordered*, so the actor keeps each group in order.
+* The `content_encoding` message attribute is decoded before the handler (seed 000).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aioboto3
+import aiohttp
+import anyio
+import structlog
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+
+from billingd.config.model import SqsSourceSettings
+from billingd.sources.base import (
+    DEPTH_INTERVAL,
+    Delivery,
+    Disposition,
+    Settlement,
+    SourceEvents,
+    SourceMisconfigured,
+    SourceUnavailable,
+)
+from billingd.sources.codecs import UndecodableBody, decode_body
+
+log = structlog.get_logger("billingd.sources.sqs")
+
+MAX_BATCH = 10
+MAX_VISIBILITY = 43_200
+RECEIVE_LEASE = 3  # seconds: the visibility a message is received with, before the heartbeat extends it
+MAX_ATTRIBUTES = 10  # SQS limit per message
+UNCOUNTED_MEMORY = 100_000
+_MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
+_TRANSIENT = (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)
+
+
+@dataclass(slots=True, eq=False)
+class _Held:
+    """A message in hand: when its visibility runs out (monotonic seconds) and for how long it
+    was last set (seconds)."""
+
+    message: dict[str, Any]
+    deadline: float
+    lease: float
+
+
+class SqsSource:
+    """One SQS queue as a `Source` (see module docstring)."""
+
+    receive_max = MAX_BATCH
+    settle_batch = MAX_BATCH
+
+    def __init__(self, settings: SqsSourceSettings, events: SourceEvents) -> None:
+        self.name = settings.name
+        self.receivers = max(1, math.ceil(settings.prefetch / MAX_BATCH))
+        self.settle_linger = settings.ack_flush
+        self.ordered = settings.queue_url.endswith(".fifo")
+        self.partition_default = "MessageGroupId" if self.ordered else None
+        self._settings = settings
+        self._events = events
+        self._visibility = int(settings.visibility_timeout)
+        self._lease = min(RECEIVE_LEASE, self._visibility)
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._held: dict[str, _Held] = {}
+        self._uncounted: OrderedDict[str, int] = OrderedDict()
+        self._resumed = anyio.Event()
+        self._resumed.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the client and check that the queue exists.
+
+        Raises:
+            SourceUnavailable: the endpoint cannot be reached.
+            SourceMisconfigured: the queue does not exist, or there are no AWS credentials.
+        """
+        s = self._settings
+        config = AioConfig(
+            connect_timeout=5,
+            read_timeout=s.wait_time + 10,
+            retries={"mode": "standard", "max_attempts": 3},
+            max_pool_connections=self.receivers + 8,
+        )
+        try:
+            self._client = await self._stack.enter_async_context(
+                aioboto3.Session().client(
+                    "sqs", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config
+                )
+            )
+            attributes = (await self._call("GetQueueAttributes", QueueUrl=s.queue_url, AttributeNames=["All"]))[
+                "Attributes"
+            ]
+        except BaseException as exc:
+            await self.close()
+            raise self._explain_open_error(exc) from exc
+        if not s.dead_letter_queue_url and "RedrivePolicy" not in attributes:
+            log.warning(
+                "no dead_letter_queue_url and no redrive policy: dead letters will be redelivered",
+                source=self.name,
+                queue_url=s.queue_url,
+            )
+        self._events.connection_changed(True, "")
+
+    def _explain_open_error(self, exc: BaseException) -> BaseException:
+        s = self._settings
+        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _MISSING_QUEUE:
+            return SourceMisconfigured(
+                f"queue {s.queue_url} does not exist: create it, or fix sources.{s.name}.queue_url"
+            )
+        if isinstance(exc, NoCredentialsError | NoRegionError):
+            return SourceMisconfigured(f"{exc}: set AWS credentials (AWS_ACCESS_KEY_ID, a profile or a role)")
+        if isinstance(exc, ClientError | _TRANSIENT):
+            where = s.endpoint_url or f"SQS in {s.region}"
+            return SourceUnavailable(f"cannot reach {where}: {exc}")
+        return exc
+
+    async def close(self) -> None:
+        """Release every message still held (visibility 0: back at once, never deleted), then close.
+
+        After a drain nothing is held; after an abort (drain timeout) this is how the messages of
+        the cancelled handlers go back to the queue."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            held, self._held = list(self._held.values()), {}
+            if held and self._client is not None:
+                for start in range(0, len(held), MAX_BATCH):
+                    await self._change_visibility([(h.message, 0) for h in held[start : start + MAX_BATCH]])
+                log.info("released messages still held", source=self.name, count=len(held))
+            await self._stack.aclose()
+        self._client = None
+
+    async def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        self._events.broker_request(operation)
+        method = getattr(self._client, _snake(operation))
+        return await method(**kwargs)
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def receive(self, max_messages: int) -> list[Delivery]:
+        """Long-poll until at least one message arrives (waiting while paused).
+
+        Raises:
+            SourceUnavailable: SQS could not be reached (the actor backs off and polls again).
+        """
+        s = self._settings
+        while True:
+            await self._resumed.wait()
+            try:
+                response = await self._call(
+                    "ReceiveMessage",
+                    QueueUrl=s.queue_url,
+                    MaxNumberOfMessages=min(MAX_BATCH, max_messages),
+                    WaitTimeSeconds=int(s.wait_time),
+                    VisibilityTimeout=self._lease,
+                    MessageSystemAttributeNames=["ApproximateReceiveCount", "MessageGroupId"],
+                    MessageAttributeNames=["All"],
+                )
+            except (ClientError, *_TRANSIENT) as exc:
+                raise SourceUnavailable(f"ReceiveMessage failed: {exc}") from exc
+            self._events.connection_changed(True, "")
+            messages = response.get("Messages")
+            if messages:
+                deadline = anyio.current_time() + self._lease
+                return [self._delivery(m, deadline) for m in messages]
+
+    def _delivery(self, message: dict[str, Any], deadline: float) -> Delivery:
+        self._held[message["ReceiptHandle"]] = _Held(message, deadline, self._lease)
+        attributes = {
+            name: value.get("StringValue", value.get("BinaryValue"))
+            for name, value in message.get("MessageAttributes", {}).items()
+        }
+        system = message.get("Attributes", {})
+        message_id = message["MessageId"]
+        attempt = max(1, int(system.get("ApproximateReceiveCount", 1)) - self._uncounted.get(message_id, 0))
+        raw = message["Body"].encode()
+        body, error = raw, None
+        try:
+            body = decode_body(raw, attributes.get("content_encoding"), text_transport=True)
+        except UndecodableBody as exc:
+            error = str(exc)
+        return Delivery(body, message_id, attempt, attributes, message, system.get("MessageGroupId"), error)
+
+    async def stop_intake(self) -> list[Delivery]:
+        """Stop polling (a long poll in progress is cancelled by the actor). Nothing is buffered."""
+        return []
+
+    async def pause(self) -> None:
+        """Stop starting long polls until `resume`."""
+        if self._resumed.is_set():
+            self._resumed = anyio.Event()
+
+    async def resume(self) -> None:
+        """Start long polls again."""
+        self._resumed.set()
+
+    # -- heartbeat ---------------------------------------------------------------------------
+
+    async def run_background(self) -> None:
+        """The visibility heartbeat (extend messages in hand once half their visibility is gone)
+        and the queue-depth sample."""
+        interval = max(0.2, self._lease / 4)
+        sampled = -DEPTH_INTERVAL
+        while True:
+            await anyio.sleep(interval)
+            now = anyio.current_time()
+            if now - sampled >= DEPTH_INTERVAL:
+                sampled = now
+                await self._sample_depth()
+            due = [h for h in self._held.values() if h.deadline - now < h.lease / 2]
+            for start in range(0, len(due), MAX_BATCH):
+                chunk = due[start : start + MAX_BATCH]
+                extended = await self._change_visibility([(h.message, self._visibility) for h in chunk])
+                for held in chunk:
+                    if held.message["ReceiptHandle"] in extended:
+                        held.deadline, held.lease = now + self._visibility, self._visibility
+
+    async def _sample_depth(self) -> None:
+        try:
+            attributes = await self._call(
+                "GetQueueAttributes", QueueUrl=self._settings.queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+            )
+        except (ClientError, *_TRANSIENT):
+            return
+        self._events.queue_depth(int(attributes["Attributes"].get("ApproximateNumberOfMessages", 0)))
+
+    # -- settlement --------------------------------------------------------------------------
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Delete, change visibility and dead-letter in batches of up to 10 (never raises)."""
+        deletes: list[dict[str, Any]] = []
+        visibility: list[tuple[dict[str, Any], int]] = []
+        dead: list[Settlement] = []
+        for s in settlements:
+            message = s.delivery.handle
+            self._held.pop(message["ReceiptHandle"], None)
+            if s.disposition is Disposition.ACK:
+                deletes.append(message)
+            elif s.disposition is Disposition.DEAD_LETTER:
+                dead.append(s)
+            else:
+                seconds = 0 if s.disposition is Disposition.RELEASE else min(MAX_VISIBILITY, math.ceil(s.delay))
+                visibility.append((message, seconds))
+                if s.disposition is Disposition.RETRY and not s.counted:
+                    self._remember_uncounted(s.delivery.message_id)
+        if dead:
+            if self._settings.dead_letter_queue_url:
+                sent = await self._send_dead_letters(dead)
+                for s in dead:
+                    if s.delivery.message_id in sent:
+                        deletes.append(s.delivery.handle)
+                    else:  # the DLQ refused it: try again after the retry delay
+                        visibility.append((s.delivery.handle, math.ceil(self._settings.retry_initial)))
+            else:
+                for s in dead:
+                    log.warning(
+                        "dead letter left to the queue's redrive policy (no dead_letter_queue_url)",
+                        source=self.name,
+                        message_id=s.delivery.message_id,
+                    )
+                    visibility.append((s.delivery.handle, 0))
+        for start in range(0, len(deletes), MAX_BATCH):
+            await self._delete(deletes[start : start + MAX_BATCH])
+        for start in range(0, len(visibility), MAX_BATCH):
+            await self._change_visibility(visibility[start : start + MAX_BATCH])
+
+    def _remember_uncounted(self, message_id: str) -> None:
+        self._uncounted[message_id] = self._uncounted.get(message_id, 0) + 1
+        self._uncounted.move_to_end(message_id)
+        while len(self._uncounted) > UNCOUNTED_MEMORY:
+            self._uncounted.popitem(last=False)
+
+    async def _delete(self, messages: list[dict[str, Any]]) -> None:
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
+        failed = await self._batch("DeleteMessageBatch", entries)
+        for entry in failed:
+            await self._single("DeleteMessage", ReceiptHandle=entry["ReceiptHandle"])
+
+    async def _change_visibility(self, changes: list[tuple[dict[str, Any], int]]) -> set[str]:
+        """Change visibilities; returns the receipt handles changed."""
+        entries = [
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": seconds}
+            for i, (m, seconds) in enumerate(changes)
+        ]
+        failed = await self._batch("ChangeMessageVisibilityBatch", entries)
+        done = {e["ReceiptHandle"] for e in entries} - {e["ReceiptHandle"] for e in failed}
+        for entry in failed:
+            if await self._single(
+                "ChangeMessageVisibility",
+                ReceiptHandle=entry["ReceiptHandle"],
+                VisibilityTimeout=entry["VisibilityTimeout"],
+            ):
+                done.add(entry["ReceiptHandle"])
+        return done
+
+    async def _batch(self, operation: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run a batch call; return the entries to retry one by one (transient failures)."""
+        if not entries:
+            return []
+        try:
+            response = await self._call(operation, QueueUrl=self._settings.queue_url, Entries=entries)
+        except (ClientError, *_TRANSIENT) as exc:
+            log.warning(
+                "sqs batch call failed; retrying entries one by one",
+                source=self.name,
+                operation=operation,
+                error=str(exc),
+            )
+            return entries
+        by_id = {e["Id"]: e for e in entries}
+        retry = []
+        for failure in response.get("Failed", []):
+            if failure.get("SenderFault"):  # e.g. an expired receipt: the message comes back anyway
+                log.info(
+                    "sqs entry refused",
+                    source=self.name,
+                    operation=operation,
+                    code=failure.get("Code"),
+                    error=failure.get("Message"),
+                )
+            else:
+                retry.append(by_id[failure["Id"]])
+        return retry
+
+    async def _single(self, operation: str, **kwargs: Any) -> bool:
+        try:
+            await self._call(operation, QueueUrl=self._settings.queue_url, **kwargs)
+        except (ClientError, *_TRANSIENT) as exc:
+            log.warning(
+                "sqs call failed; the message will be redelivered",
+                source=self.name,
+                operation=operation,
+                error=str(exc),
+            )
+            return False
+        return True
+
+    async def _send_dead_letters(self, dead: list[Settlement]) -> set[str]:
+        """Send to the DLQ; returns the message ids the DLQ accepted."""
+        s = self._settings
+        fifo = s.dead_letter_queue_url.endswith(".fifo")
+        entries = []
+        for i, settlement in enumerate(dead):
+            message = settlement.delivery.handle
+            ours = {
+                "reason": _string(settlement.reason[:1000] or "dead-lettered"),
+                "handler": _string(s.handler),
+                "attempts": {"DataType": "Number", "StringValue": str(settlement.delivery.attempt)},
+                "original_message_id": _string(settlement.delivery.message_id),
+                "source": _string(self.name),
+            }
+            theirs = {k: v for k, v in message.get("MessageAttributes", {}).items() if k not in ours}
+            keep = dict(
+                sorted(theirs.items(), key=lambda kv: kv[0] != "content_encoding")[: MAX_ATTRIBUTES - len(ours)]
+            )
+            entry: dict[str, Any] = {
+                "Id": str(i),
+                "MessageBody": message["Body"],
+                "MessageAttributes": {**keep, **ours},
+            }
+            if fifo:
+                entry["MessageGroupId"] = settlement.delivery.partition_key or self.name
+                entry["MessageDeduplicationId"] = settlement.delivery.message_id
+            entries.append(entry)
+        try:
+            response = await self._call("SendMessageBatch", QueueUrl=s.dead_letter_queue_url, Entries=entries)
+        except (ClientError, *_TRANSIENT) as exc:
+            log.error("sending dead letters failed; they will be retried", source=self.name, error=str(exc))
+            return set()
+        ok = {
+            entries[int(r["Id"])]["MessageAttributes"]["original_message_id"]["StringValue"]
+            for r in response.get("Successful", [])
+        }
+        for failure in response.get("Failed", []):
+            log.error(
+                "dead letter refused by the DLQ",
+                source=self.name,
+                code=failure.get("Code"),
+                error=failure.get("Message"),
+            )
+        return ok
+
+
+def _string(value: str) -> dict[str, str]:
+    return {"DataType": "String", "StringValue": value}
+
+
+def _snake(operation: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in operation).lstrip("_")

@@ -1,0 +1,121 @@
+"""`QueueTools` for SQS: `dead_letter_queue_url` → `queue_url`, each letter deleted after its copy is sent."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Any
+
+import aioboto3
+
+from billingd.config.model import SqsSourceSettings
+from billingd.sources.codecs import encode_body
+from billingd.sources.tools import SQS_ANNOTATIONS, Letter
+
+
+class SqsTools:
+    """See `billingd.sources.tools`."""
+
+    def __init__(self, settings: SqsSourceSettings) -> None:
+        self._settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def __aenter__(self) -> SqsTools:
+        s = self._settings
+        self._client = await self._stack.enter_async_context(
+            aioboto3.Session().client("sqs", region_name=s.region, endpoint_url=s.endpoint_url or None)
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    @property
+    def _dlq(self) -> str:
+        if not self._settings.dead_letter_queue_url:
+            raise LookupError(f"source {self._settings.name} has no dead_letter_queue_url")
+        return self._settings.dead_letter_queue_url
+
+    async def dead_letter_count(self) -> int:
+        attributes = (
+            await self._client.get_queue_attributes(
+                QueueUrl=self._dlq,
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+            )
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+    async def _receive(self, count: int, visibility: int) -> list[dict[str, Any]]:
+        response = await self._client.receive_message(
+            QueueUrl=self._dlq,
+            MaxNumberOfMessages=min(10, count),
+            WaitTimeSeconds=1,
+            VisibilityTimeout=visibility,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["MessageGroupId"],
+        )
+        return response.get("Messages", [])
+
+    async def sample(self, limit: int) -> list[Letter]:
+        seen: list[dict[str, Any]] = []
+        while len(seen) < limit and (batch := await self._receive(limit - len(seen), 30)):
+            seen += batch
+        for start in range(0, len(seen), 10):  # visible again at once: listing hides nothing
+            entries = [
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                for i, m in enumerate(seen[start : start + 10])
+            ]
+            await self._client.change_message_visibility_batch(QueueUrl=self._dlq, Entries=entries)
+        return [
+            Letter(
+                m["MessageAttributes"].get("original_message_id", {}).get("StringValue", m["MessageId"]),
+                m["MessageAttributes"].get("reason", {}).get("StringValue", ""),
+                m["MessageAttributes"].get("attempts", {}).get("StringValue", ""),
+                m["Body"].encode(),
+            )
+            for m in seen
+        ]
+
+    async def replay(self, limit: int | None) -> int:
+        s = self._settings
+        budget = await self.dead_letter_count() if limit is None else limit
+        fifo = s.queue_url.endswith(".fifo")
+        moved = 0
+        while moved < budget and (batch := await self._receive(budget - moved, 60)):
+            entries = []
+            for i, m in enumerate(batch):
+                attributes = {k: v for k, v in m.get("MessageAttributes", {}).items() if k not in SQS_ANNOTATIONS}
+                entry: dict[str, Any] = {"Id": str(i), "MessageBody": m["Body"]}
+                if attributes:
+                    entry["MessageAttributes"] = attributes
+                if fifo:
+                    entry["MessageGroupId"] = m.get("Attributes", {}).get("MessageGroupId") or s.name
+                    entry["MessageDeduplicationId"] = m["MessageId"]
+                entries.append(entry)
+            response = await self._client.send_message_batch(QueueUrl=s.queue_url, Entries=entries)
+            sent = [batch[int(r["Id"])] for r in response.get("Successful", [])]
+            if sent:  # only what the source queue accepted leaves the DLQ
+                await self._client.delete_message_batch(
+                    QueueUrl=self._dlq,
+                    Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(sent)],
+                )
+            moved += len(sent)
+            if len(sent) < len(batch):
+                raise RuntimeError(
+                    f"the source queue refused {len(batch) - len(sent)} message(s); they stay in the DLQ"
+                )
+        return moved
+
+    async def publish(self, body: bytes, *, routing_key: str | None, encoding: str | None, group: str | None) -> str:
+        s = self._settings
+        kwargs: dict[str, Any] = {
+            "QueueUrl": s.queue_url,
+            "MessageBody": encode_body(body, encoding, text_transport=True).decode(),
+        }
+        if encoding:
+            kwargs["MessageAttributes"] = {"content_encoding": {"DataType": "String", "StringValue": encoding}}
+        if s.queue_url.endswith(".fifo"):
+            kwargs["MessageGroupId"] = group or "billingd-publish"
+            kwargs["MessageDeduplicationId"] = uuid.uuid4().hex
+        return (await self._client.send_message(**kwargs))["MessageId"]
