@@ -1,0 +1,23 @@
+"""Downstream clients: the Redis ledger, Stripe, Razorpay, the HTTP forwarder."""
+
+from billingd.clients.errors import (
+    Busy,
+    CircuitOpen,
+    DownstreamError,
+    DownstreamRejected,
+    DownstreamUnavailable,
+    Guard,
+    Unguarded,
+)
+from billingd.clients.set import Clients
+
+__all__ = [
+    "Busy",
+    "CircuitOpen",
+    "Clients",
+    "DownstreamError",
+    "DownstreamRejected",
+    "DownstreamUnavailable",
+    "Guard",
+    "Unguarded",
+]

@@ -1,0 +1,75 @@
+"""How a downstream call failed, and the admission `Guard` (a circuit breaker) around it.
+
+Clients translate their library's exceptions into these so that handlers and the source actor
+classify failures the same way for every downstream (DESIGN §2, §3):
+
+* `DownstreamUnavailable` — transient (network, timeout, 5xx, 429, lock busy): retry later;
+* `CircuitOpen` — the breaker refused the call without trying: retry, not counted as an attempt;
+* `DownstreamRejected` — permanent (a 4xx other than 429): dead-letter with the downstream's words;
+* `Busy` — another worker holds the lease on this step (a duplicate delivery in progress).
+
+The breaker itself lives in `billingd.supervisors.breaker`; clients only see the `Guard` protocol,
+so the dependency arrow keeps pointing down (daemon → supervisors → handlers → clients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class DownstreamError(Exception):
+    """A call to downstream `downstream` (`redis`, `stripe`, `forward:<name>`, …) failed."""
+
+    def __init__(self, downstream: str, detail: str) -> None:
+        super().__init__(f"{downstream}: {detail}")
+        self.downstream = downstream
+        self.detail = detail
+
+
+class DownstreamUnavailable(DownstreamError):
+    """A transient failure: the same call may succeed later."""
+
+
+class CircuitOpen(DownstreamUnavailable):
+    """The breaker of `downstream` is open; `retry_after` is the time (seconds) until it half-opens."""
+
+    def __init__(self, downstream: str, retry_after: float) -> None:
+        super().__init__(downstream, f"circuit breaker open, retry in {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
+class DownstreamRejected(DownstreamError):
+    """A permanent refusal: the same call will fail the same way (e.g. an HTTP 400 from Stripe)."""
+
+
+class Busy(Exception):
+    """Another worker (or replica) is doing this step right now: retry later, uncounted."""
+
+
+class Guard(Protocol):
+    """Admission control around one downstream; `billingd.supervisors.breaker.CircuitBreaker` is one."""
+
+    name: str
+
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run `await fn(*args)` if admitted.
+
+        Raises:
+            CircuitOpen: not admitted.
+            DownstreamUnavailable: from `fn`, after recording the failure.
+        """
+        ...
+
+
+class Unguarded:
+    """A `Guard` that admits every call and records nothing (CLI tools and tests)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Run `fn(*args)` directly."""
+        return await fn(*args)

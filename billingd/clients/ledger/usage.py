@@ -1,0 +1,207 @@
+"""Entitlements, usage counters and usage-event idempotency (seeds 001 and 004) in Redis.
+
+Keys (hash tag = the subject: a seed-001 `userId` or a seed-004 `workspace_id`):
+
+* `billingd:ent:{subject}:<KEY>` — hash, one entitlement: `active` and `tracked` (0/1), `limit`
+  (micro-units, -1 = unlimited), `period` (day/week/month/year/none), `period_start`,
+  `period_end` (Unix seconds), `used` (micro-units in the current period), `version`
+  (the `created` second of the Stripe event that wrote it; older writes are ignored);
+* `billingd:usage:{subject}` — hash, the real-time usage counters other services read for
+  enforcement: field `<KEY>` = micro-units in the current period, `<KEY>.period` = that
+  period's start (Unix seconds); a counter from an older period reads as zero;
+* `billingd:period:{subject}` — hash `start`, `end`, `interval`: the subject's billing period
+  (from its Stripe subscription, rolled forward by `interval` once it has passed); counters
+  without an entitlement use it, else the UTC calendar month;
+* `billingd:customer:{subject}` — string: the subject's Stripe customer id;
+* `billingd:usage-event:{subject}:<idempotency key>` — hash recording that the Redis step of one
+  usage event is done (`applied`, the `period` it counted in, `at`: when), kept for `dedup_ttl`
+  seconds; the Stripe step is recorded by the once ledger (`billingd:once:{subject}:meter:<key>`).
+
+Quantities are integer micro-units (1 unit = 1,000,000): amounts such as 2.5 AI credits stay exact.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from billingd.clients.ledger.base import RedisLedger, Script, key
+from billingd.clients.ledger.periods import FOREVER, PERIODS, calendar_month, period_containing
+
+MICROS = 1_000_000
+
+_APPLY = """
+local idem, counter, ent, period = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local mode, name, amount, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('HEXISTS', idem, 'applied') == 1 then
+  local r = redis.call('HMGET', idem, 'period', 'at')
+  return {'duplicate', r[1] or '', r[2] or ''}
+end
+local start
+if mode == 'consume' then
+  if redis.call('EXISTS', ent) == 0 then return {'missing'} end
+  local e = redis.call('HMGET', ent, 'active', 'tracked', 'limit', 'period', 'period_start', 'period_end', 'used')
+  if e[1] ~= '1' then return {'inactive'} end
+  if e[2] ~= '1' then return {'untracked'} end
+  local used = tonumber(e[7] or '0')
+  start = e[5]
+  if e[4] ~= 'none' and now >= tonumber(e[6]) then
+    if ARGV[6] == '' or ARGV[8] ~= e[5] then return {'reset', e[4], e[5]} end
+    redis.call('HSET', ent, 'period_start', ARGV[6], 'period_end', ARGV[7], 'used', 0)
+    used, start = 0, ARGV[6]
+  end
+  local limit = tonumber(e[3])
+  if limit >= 0 and used + amount > limit then return {'over_limit', tostring(used), e[3]} end
+  redis.call('HINCRBY', ent, 'used', amount)
+else
+  local p = redis.call('HMGET', period, 'start', 'end', 'interval')
+  if p[1] and p[2] then
+    start = p[1]
+    if now >= tonumber(p[2]) then  -- the subject's billing period has passed: roll it forward
+      if ARGV[6] == '' or ARGV[8] ~= p[1] then return {'reset', p[3] or 'month', p[1]} end
+      redis.call('HSET', period, 'start', ARGV[6], 'end', ARGV[7])
+      start = ARGV[6]
+    end
+  else
+    start = ARGV[5]
+  end
+end
+local mark = name .. '.period'
+if redis.call('HGET', counter, mark) ~= start then
+  redis.call('HSET', counter, name, 0, mark, start)
+end
+redis.call('HINCRBY', counter, name, amount)
+redis.call('HSET', idem, 'applied', 1, 'period', start, 'at', ARGV[4])
+redis.call('EXPIRE', idem, tonumber(ARGV[9]))
+return {'applied', start, ARGV[4]}
+"""
+
+_PUT_ENTITLEMENT = """
+local version = tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '-1')
+if version < current then return 0 end
+local used = redis.call('HGET', KEYS[1], 'used') or '0'
+if redis.call('HGET', KEYS[1], 'period_start') ~= ARGV[6] then used = '0' end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'active', ARGV[2], 'tracked', ARGV[3], 'limit', ARGV[4],
+           'period', ARGV[5], 'period_start', ARGV[6], 'period_end', ARGV[7], 'used', used)
+return 1
+"""
+
+
+class Applied(enum.Enum):
+    """What the Redis step of a usage event found."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    MISSING = "missing"
+    INACTIVE = "inactive"
+    UNTRACKED = "untracked"
+    OVER_LIMIT = "over_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageResult:
+    """The outcome of `apply`; `at` is when the Redis step applied (Unix seconds, the same on
+    every retry, so the Stripe step sends the same parameters every time)."""
+
+    status: Applied
+    period_start: int = 0
+    at: int = 0
+    used: int = 0
+    limit: int = 0
+
+
+class UsageLedger(RedisLedger):
+    """Entitlement consumption and usage counters (see module docstring)."""
+
+    _apply = Script.of(_APPLY)
+    _put = Script.of(_PUT_ENTITLEMENT)
+
+    async def apply(
+        self,
+        subject: str,
+        name: str,
+        amount: int,
+        idempotency_key: str,
+        *,
+        consume: bool,
+        now: int,
+        dedup_ttl: int,
+    ) -> UsageResult:
+        """The Redis step of one usage event, atomically and once per `idempotency_key`:
+        consume entitlement `name` of `subject` by `amount` micro-units (when `consume`), with
+        the lazy period reset of seed 001, and add `amount` to the subject's usage counter."""
+        keys = (
+            key("usage-event", idempotency_key, tag=subject),
+            key("usage", tag=subject),
+            key("ent", name, tag=subject),
+            key("period", tag=subject),
+        )
+        default_start = calendar_month(now)[0]
+        base = ["consume" if consume else "count", name, amount, now, default_start]
+        reply = await self.run(self._apply, keys, [*base, "", "", "", dedup_ttl])
+        if reply[0] == b"reset":  # a period has passed: compute the current one here (calendar math), then retry
+            period, old_start = reply[1].decode(), reply[2].decode()
+            start, end = period_containing(period, int(old_start), now)
+            reply = await self.run(self._apply, keys, [*base, start, end, old_start, dedup_ttl])
+        status = Applied(reply[0].decode())
+        if status is Applied.OVER_LIMIT:
+            return UsageResult(status, used=int(reply[1]), limit=int(reply[2]))
+        if status in (Applied.APPLIED, Applied.DUPLICATE):
+            return UsageResult(status, int(reply[1] or 0), at=int(reply[2] or now))
+        return UsageResult(status)
+
+    async def put_entitlement(
+        self,
+        subject: str,
+        name: str,
+        *,
+        limit: int | None,
+        period: str,
+        period_start: int,
+        period_end: int | None = None,
+        active: bool = True,
+        tracked: bool = True,
+        version: int = 0,
+    ) -> bool:
+        """Create or replace an entitlement (`limit` in micro-units, None = unlimited). Usage is
+        kept while the period is unchanged. A write older than the stored `version` is ignored;
+        returns whether it was written.
+
+        Raises:
+            ValueError: unknown `period`.
+        """
+        if period not in PERIODS:
+            raise ValueError(f"unknown period {period!r}: expected one of {', '.join(PERIODS)}")
+        if period_end is None:
+            period_end = FOREVER if period == "none" else period_containing(period, period_start, period_start)[1]
+        args = (version, int(active), int(tracked), -1 if limit is None else limit, period, period_start, period_end)
+        return bool(await self.run(self._put, (key("ent", name, tag=subject),), args))
+
+    async def entitlement(self, subject: str, name: str) -> dict[str, str]:
+        """The entitlement record (empty when none)."""
+        return await self.hgetall(key("ent", name, tag=subject))
+
+    async def counter(self, subject: str, name: str) -> tuple[int, int]:
+        """`(micro-units, period start)` of the usage counter `name` of `subject` ((0, 0) when none)."""
+        record = await self.hgetall(key("usage", tag=subject))
+        return int(record.get(name, 0)), int(record.get(f"{name}.period", 0))
+
+    async def event(self, subject: str, idempotency_key: str) -> dict[str, str]:
+        """The idempotency record of one usage event (empty when none or expired)."""
+        return await self.hgetall(key("usage-event", idempotency_key, tag=subject))
+
+    async def set_customer(self, subject: str, customer_id: str) -> None:
+        """Map `subject` (workspace or user) to its Stripe customer."""
+        await self.set_str(key("customer", tag=subject), customer_id)
+
+    async def customer(self, subject: str) -> str | None:
+        """The Stripe customer of `subject`, if known."""
+        return await self.get_str(key("customer", tag=subject))
+
+    async def set_period(self, subject: str, start: int, end: int, interval: str = "month") -> None:
+        """Set the subject's billing period (Unix seconds, end exclusive; rolled by `interval`)."""
+        await self.run(_SET_PERIOD, (key("period", tag=subject),), (start, end, interval))
+
+
+_SET_PERIOD = Script.of("redis.call('HSET', KEYS[1], 'start', ARGV[1], 'end', ARGV[2], 'interval', ARGV[3]) return 1")
