@@ -1,0 +1,265 @@
+"""`stripe_events`: Stripe events keep billingd's Redis true (seed 004 "Stripe is the source of truth").
+
+The body is a Stripe Event: bare, in an EventBridge envelope (`detail`), or a relayed webhook
+`{"headers": {"Stripe-Signature": …}, "body": "<raw>"}` verified with
+`stripe.Webhook.construct_event` against `[stripe].webhook_secret` (a bad or stale signature is
+dead-lettered and never applied). Each event is applied once (`OnceLedger`, keyed by `event.id`).
+
+* `customer.created/updated` — map the customer's `metadata.workspace_id` (or `user_id`) and the
+  customer id, both ways;
+* `customer.subscription.created/updated/resumed` — rebuild the subject's entitlements from the
+  subscription's products' metadata `billingd.entitlement.<KEY>`;
+* `customer.subscription.deleted/paused` — mark them inactive;
+* `invoice.paid` with `billing_reason = subscription_cycle` — a renewal: the new period's
+  counters start at zero;
+* `entitlements.active_entitlement_summary.updated` — replace the subject's active features;
+* anything else — acked, counted in `billingd_stripe_events_ignored_total{source,type}`.
+
+Every write is versioned by `event.created`: an older event never rolls state back. Products are
+fetched through the API and cached for `handler_options.product_cache_ttl`.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+import msgspec
+import stripe
+
+from billingd.clients import Clients
+from billingd.clients.ledger import OnceLedger
+from billingd.clients.ledger.periods import period_containing
+from billingd.clients.ledger.subscriptions import Grant, SubscriptionLedger
+from billingd.clients.stripe import StripeGateway
+from billingd.config.durations import Duration
+from billingd.config.model import SourceSettings, StripeSettings
+from billingd.handlers.base import HandlerSpec, JsonDecoder, Message
+from billingd.handlers.outcome import ACK, InvalidMessage, Outcome
+from billingd.handlers.stripe_objects import (
+    ACTIVE_STATUSES,
+    ENTITLEMENT_PREFIX,
+    Envelope,
+    StripeEvent,
+    customer_of,
+    header,
+    parse_entitlement,
+    renewal_period,
+    subject_in,
+    subscription_period,
+    subscription_products,
+)
+
+
+class StripeEventsOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`handler_options` of `stripe_events`."""
+
+    product_cache_ttl: Duration = Duration(600)
+    dedup_ttl: Duration = Duration(15 * 86400)
+
+
+class StripeEventsHandler:
+    """Applies Stripe events (see module docstring). Downstreams: `redis`, `stripe`."""
+
+    downstreams = ("redis", "stripe")
+
+    def __init__(
+        self,
+        ledger: SubscriptionLedger,
+        once: OnceLedger,
+        stripe_gateway: StripeGateway,
+        settings: StripeSettings,
+        options: StripeEventsOptions,
+        ignored: Any,
+    ) -> None:
+        self._ledger = ledger
+        self._once = once
+        self._stripe = stripe_gateway
+        self._secret = settings.webhook_secret
+        self._tolerance = int(settings.webhook_tolerance)
+        self._options = options
+        self._ignored = ignored
+        self._envelope = JsonDecoder(Envelope)
+        self._event = JsonDecoder(StripeEvent)
+        self._products: dict[str, tuple[float, dict[str, str]]] = {}
+        self._apply = {
+            "customer.created": self._customer,
+            "customer.updated": self._customer,
+            "customer.subscription.created": self._subscription,
+            "customer.subscription.updated": self._subscription,
+            "customer.subscription.resumed": self._subscription,
+            "customer.subscription.deleted": self._subscription_ended,
+            "customer.subscription.paused": self._subscription_ended,
+            "invoice.paid": self._invoice_paid,
+            "entitlements.active_entitlement_summary.updated": self._features,
+        }
+
+    async def handle(self, message: Message) -> Outcome:
+        """Verify, decode and apply one event, once."""
+        event = self.decode(message.body)
+        apply = self._apply.get(event.type)
+        if apply is None:
+            self._ignored.labels(event.type).inc()
+            return ACK
+        lease = 2 * self._stripe.timeout + 5
+        await self._once.run_once(
+            event.id, "stripe-event", partial(apply, event), lease=lease, ttl=int(self._options.dedup_ttl)
+        )
+        return ACK
+
+    def decode(self, body: bytes) -> StripeEvent:
+        """The Stripe Event in `body`, from whichever envelope it came in.
+
+        Raises:
+            InvalidMessage: not JSON, not an event, or a relayed webhook whose signature fails.
+        """
+        envelope = self._envelope.decode(body)
+        if envelope.headers is not None and envelope.body is not None:
+            if not self._secret:
+                raise InvalidMessage("cannot verify a relayed Stripe webhook: [stripe].webhook_secret is not set")
+            try:
+                stripe.Webhook.construct_event(
+                    envelope.body, header(envelope.headers, "Stripe-Signature"), self._secret, self._tolerance
+                )
+            except stripe.SignatureVerificationError as exc:
+                raise InvalidMessage(f"Stripe-Signature verification failed: {exc.user_message or exc}") from None
+            except ValueError as exc:
+                raise InvalidMessage(f"relayed Stripe webhook body is not an event: {exc}") from None
+            return self._event.decode(envelope.body.encode())
+        if envelope.detail:
+            return self._event.decode(bytes(envelope.detail))
+        return self._event.decode(body)
+
+    # -- effects -----------------------------------------------------------------------------
+
+    async def _customer(self, event: StripeEvent) -> None:
+        customer = event.data.object
+        subject = subject_in(customer.get("metadata"))
+        if subject:
+            await self._ledger.map_customer(subject, customer["id"])
+
+    async def _subscription(self, event: StripeEvent) -> None:
+        subscription = event.data.object
+        subject = await self._subject(subscription)
+        start, end, interval = subscription_period(subscription)
+        now = int(time.time())
+        grants: dict[str, Grant] = {}
+        for product_id, quantity, metadata in subscription_products(subscription):
+            if metadata is None:
+                metadata = await self._product_metadata(product_id)
+            for name, value in metadata.items():
+                if not name.startswith(ENTITLEMENT_PREFIX):
+                    continue
+                key = name[len(ENTITLEMENT_PREFIX) :]
+                limit, period, tracked = parse_entitlement(product_id, key, value, interval)
+                limit = None if limit is None else limit * quantity
+                if key in grants and grants[key].limit is not None and limit is not None:
+                    limit += grants[key].limit  # the same entitlement from two items adds up
+                period_start, period_end = (
+                    (start, end) if period == interval else period_containing(period, start, max(now, start))
+                )
+                grants[key] = Grant(key, limit, period, period_start, period_end, tracked)
+        status = subscription.get("status", "")
+        await self._ledger.apply_subscription(
+            subject,
+            version=event.created,
+            subscription_id=subscription["id"],
+            status=status,
+            active=status in ACTIVE_STATUSES,
+            period_start=start,
+            period_end=end,
+            interval=interval,
+            grants=list(grants.values()),
+        )
+
+    async def _subscription_ended(self, event: StripeEvent) -> None:
+        subscription = event.data.object
+        subject = await self._subject(subscription)
+        status = "paused" if event.type.endswith("paused") else subscription.get("status") or "canceled"
+        await self._ledger.deactivate(subject, version=event.created, subscription_id=subscription["id"], status=status)
+
+    async def _invoice_paid(self, event: StripeEvent) -> None:
+        invoice = event.data.object
+        if invoice.get("billing_reason") != "subscription_cycle":
+            self._ignored.labels("invoice.paid:" + str(invoice.get("billing_reason"))).inc()
+            return
+        details = invoice.get("subscription_details") or (invoice.get("parent") or {}).get("subscription_details")
+        subject = await self._subject(invoice, extra_metadata=(details or {}).get("metadata"))
+        start, end = renewal_period(invoice)
+        interval = (await self._ledger.subscription(subject)).get("interval") or "month"
+        if end is None:
+            end = period_containing(interval, start, start)[1]
+        await self._ledger.renew(subject, version=event.created, start=start, end=end, interval=interval)
+
+    async def _features(self, event: StripeEvent) -> None:
+        summary = event.data.object
+        subject = await self._subject(summary)
+        entries = (summary.get("entitlements") or {}).get("data") or []
+        features = sorted({e.get("lookup_key") or e.get("feature") for e in entries} - {None})
+        await self._ledger.set_features(subject, features, version=event.created)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    async def _subject(self, obj: dict[str, Any], extra_metadata: dict[str, Any] | None = None) -> str:
+        """The workspace (or user) of an object: its metadata, else its customer's (mapped in
+        Redis, else fetched from Stripe and mapped).
+
+        Raises:
+            InvalidMessage: the customer names no workspace or user in its metadata.
+        """
+        subject = subject_in(obj.get("metadata")) or subject_in(extra_metadata)
+        customer = customer_of(obj)
+        if subject:
+            if customer:
+                await self._ledger.map_customer(subject, customer)
+            return subject
+        if not customer:
+            raise InvalidMessage(f"{obj.get('object', 'object')} {obj.get('id')} names no customer")
+        subject = await self._ledger.subject_of(customer)
+        if subject:
+            return subject
+        subject = subject_in((await self._stripe.retrieve("customers", customer)).get("metadata"))
+        if not subject:
+            raise InvalidMessage(
+                f"customer {customer} has no metadata.workspace_id or metadata.user_id: "
+                "set one on the customer in Stripe, then replay this event"
+            )
+        await self._ledger.map_customer(subject, customer)
+        return subject
+
+    async def _product_metadata(self, product_id: str) -> dict[str, str]:
+        now = time.monotonic()
+        cached = self._products.get(product_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        metadata = (await self._stripe.retrieve("products", product_id)).get("metadata") or {}
+        self._products[product_id] = (now + self._options.product_cache_ttl, metadata)
+        return metadata
+
+
+def _build(clients: Clients, options: StripeEventsOptions, source: SourceSettings) -> StripeEventsHandler:
+    ignored = clients.counter(
+        "billingd_stripe_events_ignored", "Stripe events acked without effect, by type.", ["source", "type"]
+    )
+    return StripeEventsHandler(
+        clients.subscription_ledger,
+        clients.once,
+        clients.stripe,
+        clients.settings.stripe,
+        options,
+        _Bound(ignored, source.name),
+    )
+
+
+class _Bound:
+    """A counter with its `source` label bound."""
+
+    def __init__(self, counter: Any, source: str) -> None:
+        self._counter, self._source = counter, source
+
+    def labels(self, kind: str) -> Any:
+        return self._counter.labels(self._source, kind)
+
+
+SPEC = HandlerSpec("stripe_events", StripeEventsOptions, _build, "Stripe events → entitlements, features (seed 004)")
