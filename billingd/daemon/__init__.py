@@ -1,0 +1,1 @@
+"""The daemon: CLI, lifecycle (signals, drain), HTTP (metrics, health), logging."""

@@ -1,0 +1,283 @@
+"""The daemon: wires settings into breakers, clients, actors and the supervisor, serves HTTP,
+and runs the lifecycle (DESIGN §3): signals, graceful drain, drain timeout, config reload,
+systemd notifications, exit codes.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import Mapping
+
+import anyio
+import structlog
+
+from billingd import __version__
+from billingd.clients import Clients
+from billingd.config import ConfigError, Settings, load_config
+from billingd.config.model import AnySource
+from billingd.daemon.http import start_http
+from billingd.daemon.notify import Notifier
+from billingd.daemon.reload import plan_reload
+from billingd.handlers.base import HandlerSpec
+from billingd.handlers.registry import HANDLERS, build_handler, handler_errors
+from billingd.sources import make_source
+from billingd.supervisors.actor import SourceActor
+from billingd.supervisors.breaker import BreakerBoard
+from billingd.supervisors.metrics import Metrics
+from billingd.supervisors.status import SourceStatus
+from billingd.supervisors.supervisor import Child, Supervisor
+
+log = structlog.get_logger("billingd.daemon")
+
+EXIT_OK = 0
+EXIT_FORCED = 1  # a second signal stopped the drain: unsettled messages return to their queues
+EXIT_SOFTWARE = 70  # supervisor escalation (sysexits EX_SOFTWARE)
+EXIT_CONFIG = 78  # invalid configuration (sysexits EX_CONFIG)
+
+#: After `drain_timeout`, handlers are cancelled; this long later everything is.
+ABORT_GRACE = 5.0
+#: `/healthz` fails when the event loop has not ticked for this long (seconds).
+TICK_STALE = 10.0
+#: While draining, systemd's stop timeout is extended by this much at a time (seconds).
+EXTEND_STEP = 10.0
+
+
+class Daemon:
+    """One billingd process. `await Daemon(settings).run()` returns its exit code.
+
+    `config_path` is re-read on SIGHUP (or `reload()`); `handlers` replaces the handler registry
+    (tests); `handle_signals=False` leaves signals to the caller, who stops the daemon with
+    `request_drain()`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: str | None = None,
+        handlers: Mapping[str, HandlerSpec] = HANDLERS,
+        handle_signals: bool = True,
+        notifier: Notifier | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.handlers = handlers
+        self.handle_signals = handle_signals
+        self.notifier = notifier or Notifier({})
+        self.metrics = Metrics(__version__)
+        self.registry = self.metrics.registry
+        self.board = BreakerBoard(settings, self.metrics)
+        self.clients = Clients(settings, self.board.get, self.registry)
+        self.supervisor = Supervisor(settings.supervisor, rng=rng)
+        self.statuses: dict[str, SourceStatus] = {s.name: SourceStatus(s.name) for s in settings.sources}
+        self.draining = False
+        self.stopped = anyio.Event()
+        self.exit_code = EXIT_OK
+        self._rng = rng or random.Random()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._reloading = anyio.Lock()
+        self._last_tick = 0.0
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def child(self, source: AnySource) -> Child:
+        """A supervisor child running `source` with its handler."""
+        status = self.statuses[source.name] = self.statuses.get(source.name) or SourceStatus(source.name)
+        metrics = self.metrics.for_source(source.name)
+        metrics.up.set(0)
+        for outcome in metrics.processed.values():
+            outcome.inc(0)
+        reconnect = (self.settings.supervisor.backoff_initial, self.settings.supervisor.backoff_max)
+
+        def factory() -> SourceActor:
+            handler = build_handler(source, self.clients, self.handlers)
+            return SourceActor(
+                source,
+                lambda events: make_source(source, events),
+                handler,
+                self.board,
+                metrics,
+                status,
+                reconnect,
+                self._rng,
+            )
+
+        return Child(source.name, factory, on_restart=metrics.restarts.inc)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve HTTP, run every source until drained, and return the exit code."""
+        self._last_tick = anyio.current_time()
+        http = self.settings.http
+        runner = await start_http(self, http.host, http.port)
+        log.info(
+            "billingd started", version=__version__, listen=http.listen, sources=[s.name for s in self.settings.sources]
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._tick)
+                if self.handle_signals:
+                    tg.start_soon(self._watch_signals)
+                tg.start_soon(self._announce)
+                await self.supervisor.run([self.child(s) for s in self.settings.sources])
+                if self.supervisor.escalated:
+                    self.exit_code = EXIT_SOFTWARE
+                tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+                await self.clients.aclose()
+            self.notifier.close()
+            self.stopped.set()
+        log.info("billingd stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    async def _announce(self) -> None:
+        """READY=1 once every actor has made its first connection attempt; then STATUS= lines
+        and, under a systemd watchdog, WATCHDOG=1 while healthy."""
+        for status in list(self.statuses.values()):
+            await status.attempted.wait()
+        if not self.draining:
+            self.notifier.send("READY=1", f"STATUS={self.summary()}")
+            log.info("ready", sources={n: s.up for n, s in self.statuses.items()})
+        interval = self.notifier.watchdog_interval
+        sent_status = 0.0
+        while True:
+            await anyio.sleep(interval if interval else 5.0)
+            if interval and self.health()[0]:
+                self.notifier.send("WATCHDOG=1")
+            if anyio.current_time() - sent_status >= 5.0:
+                sent_status = anyio.current_time()
+                self.notifier.send(f"STATUS={self.summary()}")
+
+    def summary(self) -> str:
+        """The one-line STATUS= for systemd: sources up, messages processed, draining."""
+        up = sum(status.up for status in self.statuses.values())
+        processed = sum(
+            sample.value
+            for metric in self.metrics.processed.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+        state = "draining" if self.draining else "running"
+        return f"{state}: {up}/{len(self.statuses)} sources up, {int(processed)} messages processed"
+
+    def request_drain(self, reason: str = "requested") -> None:
+        """Begin the graceful drain: `/readyz` 503, intake stops, in-flight work finishes."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.draining.set(1)
+        self.notifier.send("STOPPING=1", f"STATUS={self.summary()}")
+        log.info("drain started", reason=reason, drain_timeout=float(self.settings.daemon.drain_timeout))
+        self.supervisor.drain()
+        if self._tg is not None:
+            self._tg.start_soon(self._drain_deadline)
+
+    def stop_now(self, reason: str = "second signal") -> None:
+        """Cancel everything at once; unsettled messages return to their queues."""
+        log.warning("stopping at once", reason=reason)
+        self.exit_code = EXIT_FORCED
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    async def _drain_deadline(self) -> None:
+        timeout = float(self.settings.daemon.drain_timeout)
+        deadline = anyio.current_time() + timeout
+        while (remaining := deadline - anyio.current_time()) > 0:
+            # tell systemd the stop is progressing, so TimeoutStopSec does not cut a long drain short
+            self.notifier.send(
+                f"EXTEND_TIMEOUT_USEC={int((min(remaining, EXTEND_STEP) + ABORT_GRACE) * 1e6)}",
+                f"STATUS={self.summary()}",
+            )
+            await anyio.sleep(min(remaining, EXTEND_STEP / 2))
+        log.warning("drain timeout: cancelling in-flight handlers; their messages are released")
+        self.supervisor.abort()
+        await anyio.sleep(ABORT_GRACE)
+        self.stop_now("abort grace exceeded")
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if self._tg is not None:
+                        self._tg.start_soon(self.reload)
+                elif self.draining:
+                    self.stop_now(f"second {name}")
+                else:
+                    self.request_drain(name)
+
+    async def _tick(self) -> None:
+        while True:
+            self._last_tick = anyio.current_time()
+            await anyio.sleep(1)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read `config_path`: an invalid file changes nothing (errors logged, counted); a valid
+        one drains and restarts only the sources whose settings changed, starts added ones and
+        drains removed ones. Returns whether the new config was applied."""
+        async with self._reloading:
+            if self.draining or self.config_path is None:
+                return False
+            try:
+                new = load_config(self.config_path)
+                errors = handler_errors(new, self.handlers)
+                if errors:
+                    raise ConfigError(errors, self.config_path)
+            except ConfigError as exc:
+                self.metrics.config_reloads.labels("error").inc()
+                log.error("config reload rejected: still running the previous config", errors=exc.errors)
+                return False
+            plan = plan_reload(self.settings, new)
+            if plan.needs_restart:
+                log.warning("config reload: these sections take effect after a restart", sections=plan.needs_restart)
+            self.settings = Settings(
+                **{**{f: getattr(self.settings, f) for f in self.settings.__struct_fields__}, "sources": new.sources}
+            )
+            async with anyio.create_task_group() as tg:
+                for name in plan.removed:
+                    tg.start_soon(self._stop_source, name)
+                for source in plan.changed:
+                    tg.start_soon(self._restart_source, source)
+            for source in plan.added:
+                self.supervisor.start_child(self.child(source))
+            self.metrics.config_reloads.labels("ok").inc()
+            log.info(
+                "config reloaded",
+                added=[s.name for s in plan.added],
+                removed=plan.removed,
+                restarted=[s.name for s in plan.changed],
+                unchanged=plan.unchanged,
+            )
+            return True
+
+    async def _stop_source(self, name: str) -> None:
+        await self.supervisor.stop_child(name)
+        self.statuses.pop(name, None)
+        self.metrics.source_up.labels(name).set(0)
+
+    async def _restart_source(self, source: AnySource) -> None:
+        await self.supervisor.stop_child(source.name)
+        self.supervisor.start_child(self.child(source))
+
+    # -- observability -----------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """Alive while the supervisor runs and the event loop ticks."""
+        lag = anyio.current_time() - self._last_tick
+        alive = self.supervisor.alive and lag < TICK_STALE
+        return alive, {"alive": alive, "supervisor": self.supervisor.alive, "loop_lag_seconds": round(lag, 3)}
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        """Ready when not draining and every source is connected."""
+        sources = {name: status.as_dict() for name, status in self.statuses.items()}
+        ready = not self.draining and self.supervisor.alive and all(s.up for s in self.statuses.values())
+        return ready, {"ready": ready, "draining": self.draining, "sources": sources}
