@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Start fauxqs (an SQS emulator speaking the real wire protocol) on 127.0.0.1:4566 with the
+# queues of deploy/local/fauxqs-init.json, unless something already answers there.
+# Installs fauxqs@1.9.2 from npm into .local-stack/ (the last version that runs on Node 20).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+port="${FAUXQS_PORT:-4566}"
+if curl -fs "http://127.0.0.1:${port}/health" >/dev/null 2>&1; then
+  echo "[sqs] fauxqs already answers on ${port}" >&2; exit 0
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  if [[ $(id -u) -ne 0 ]]; then echo "[sqs] node and npm are missing: install Node.js 20 or later" >&2; exit 1; fi
+  echo "[sqs] installing nodejs and npm" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+major=$(node -p 'process.versions.node.split(".")[0]')
+if ((major < 20)); then
+  echo "[sqs] fauxqs needs Node.js 20 or later, this is $(node -v): install a newer nodejs (e.g. from NodeSource)" >&2
+  exit 1
+fi
+mkdir -p .local-stack
+if [[ ! -f .local-stack/node_modules/fauxqs/dist/cli.js ]]; then
+  echo "[sqs] installing fauxqs@1.9.2" >&2
+  npm install --silent --no-audit --no-fund --prefix .local-stack fauxqs@1.9.2 >/dev/null
+fi
+FAUXQS_PORT="$port" FAUXQS_LOGGER=false FAUXQS_INIT="deploy/local/fauxqs-init.json" \
+  nohup node .local-stack/node_modules/fauxqs/dist/cli.js >.local-stack/fauxqs.log 2>&1 &
+echo $! >.local-stack/fauxqs.pid
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:${port}/health" >/dev/null 2>&1 && break; sleep 0.1; done
+echo "[sqs] fauxqs on 127.0.0.1:${port} (queues and DLQs of deploy/local/fauxqs-init.json)" >&2

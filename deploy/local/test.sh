@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: services up, the locked environment synced, then the whole suite.
+# Extra arguments go to pytest (e.g. deploy/local/test.sh -k drain).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+deploy/local/services.sh
+command -v uv >/dev/null || python3 -m pip install --quiet uv
+uv sync --frozen --quiet
+exec uv run pytest "$@"
