@@ -1,0 +1,105 @@
+"""Fixtures: the anyio backend, the test Redis database, a RabbitMQ helper that cleans up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+
+import aio_pika
+import hypothesis  # noqa: F401 — imported early: a lazy import in pytest's summary hits a CPython 3.11.7 compile bug
+import pytest
+import redis.asyncio as aioredis
+
+from billingd.daemon.logging import configure_logging
+from tests.doubles.server import Sink
+from tests.doubles.stripe import StripeDouble
+from tests.support import AMQP_URL, REDIS_URL, Amqp, Sqs, free_port
+
+configure_logging("warning", "console")
+
+# the SQS emulator accepts any credentials; billingd finds these through the standard AWS chain
+for _name, _value in (
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+):
+    os.environ.setdefault(_name, _value)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """billingd runs on asyncio (aio-pika, aiobotocore and aiohttp need it)."""
+    return "asyncio"
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[aioredis.Redis]:
+    """The test Redis database (db 15), emptied before each test."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[Amqp]:
+    """A RabbitMQ connection for publishing and inspecting queues."""
+    connection = await aio_pika.connect_robust(AMQP_URL)  # survives the close_all_connections drill
+    channel = await connection.channel(publisher_confirms=True)
+    helper = Amqp(connection, channel)
+    yield helper
+    await helper.cleanup()
+    await connection.close()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A moto SQS server (the real SQS wire protocol) on a spare loopback port, for the session."""
+    import socket
+    import time
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError("moto server did not start")
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+async def sqs(moto_endpoint: str) -> AsyncIterator[Sqs]:
+    """A client of the moto SQS server."""
+    import aioboto3
+
+    async with aioboto3.Session().client("sqs", region_name="us-east-1", endpoint_url=moto_endpoint) as client:
+        yield Sqs(client, moto_endpoint)
+
+
+@pytest.fixture
+async def stripe_double() -> AsyncIterator[StripeDouble]:
+    """The Stripe API double on a loopback port."""
+    double = StripeDouble()
+    async with double.running():
+        yield double
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    """An HTTP endpoint that records POSTs (a marketplace or webhook receiver)."""
+    double = Sink()
+    async with double.running():
+        yield double

@@ -1,0 +1,79 @@
+"""Test handlers with scripted behaviour, registered next to the real ones."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import anyio
+import msgspec
+
+from billingd.clients import Clients, DownstreamUnavailable
+from billingd.config import SourceSettings
+from billingd.handlers.base import Handler, HandlerSpec, Message
+from billingd.handlers.outcome import ACK, Outcome
+from billingd.handlers.registry import HANDLERS
+
+
+class FlakyOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`fail_attempts`: attempts that fail with a transient error before success."""
+
+    fail_attempts: int = 2
+    sleep: float = 0.0
+    error: str = "transient"  # or "bug": raise a plain RuntimeError, as a handler bug would
+    only: str = ""  # when set, only bodies containing this text fail
+
+
+@dataclass
+class Journal:
+    """What the test handlers saw: per message id, (attempt, monotonic time) of each call."""
+
+    calls: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+    bodies: list[bytes] = field(default_factory=list)
+    ends: dict[str, float] = field(default_factory=dict)
+    builds: int = 0
+
+
+class FlakyHandler:
+    """Fails the first `fail_attempts` attempts of each message with `DownstreamUnavailable`."""
+
+    downstreams: tuple[str, ...] = ()
+
+    def __init__(self, options: FlakyOptions, journal: Journal) -> None:
+        self.options = options
+        self.journal = journal
+
+    async def handle(self, message: Message) -> Outcome:
+        self.journal.calls[message.message_id].append((message.attempt, anyio.current_time()))
+        self.journal.bodies.append(message.body)
+        if self.options.sleep:
+            await anyio.sleep(self.options.sleep)
+        self.journal.ends[message.message_id] = anyio.current_time()
+        chosen = not self.options.only or self.options.only.encode() in message.body
+        if chosen and message.attempt <= self.options.fail_attempts:
+            if self.options.error == "bug":
+                raise RuntimeError(f"scripted bug on attempt {message.attempt}")
+            raise DownstreamUnavailable("test", f"scripted failure on attempt {message.attempt}")
+        return ACK
+
+
+def registry(journal: Journal, crash_builds: int = 0) -> MappingProxyType[str, HandlerSpec]:
+    """The real handlers plus `flaky` and `crashy` (whose build raises the first `crash_builds` times)."""
+
+    def build_flaky(clients: Clients, options: FlakyOptions, source: SourceSettings) -> Handler:
+        return FlakyHandler(options, journal)
+
+    def build_crashy(clients: Clients, options: FlakyOptions, source: SourceSettings) -> Handler:
+        journal.builds += 1
+        if journal.builds <= crash_builds:
+            raise RuntimeError(f"scripted crash #{journal.builds}")
+        return FlakyHandler(options, journal)
+
+    return MappingProxyType(
+        {
+            **HANDLERS,
+            "flaky": HandlerSpec("flaky", FlakyOptions, build_flaky),
+            "crashy": HandlerSpec("crashy", FlakyOptions, build_crashy),
+        }
+    )

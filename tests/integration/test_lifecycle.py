@@ -1,0 +1,128 @@
+"""Supervision, drain, readiness and broker-side misconfiguration, on a real RabbitMQ."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from billingd.daemon.app import EXIT_SOFTWARE
+from tests.flaky import Journal, registry
+from tests.support import amqp_source, free_port, http_get, make_settings, running, unique, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_crashing_actor_is_restarted_with_backoff_then_runs(amqp):
+    journal = Journal()
+    source = amqp.track(amqp_source("crashy", handler_options={"fail_attempts": 0}))
+    async with running(make_settings([source]), registry(journal, crash_builds=2)) as daemon:
+        await amqp.publish(source["exchange"], "k", b"{}", message_id="after-crashes")
+        await wait_for(lambda: "after-crashes" in journal.calls, what="handled after restarts")
+        assert daemon.metrics.restarts.labels(source["name"])._value.get() == 2
+    assert journal.builds == 3
+
+
+async def test_too_many_crashes_escalate_drain_the_others_and_exit_70(amqp):
+    journal = Journal()
+    crashy = amqp.track(amqp_source("crashy"))
+    healthy = amqp.track(amqp_source("flaky", handler_options={"fail_attempts": 0}))
+    settings = make_settings(
+        [crashy, healthy], supervisor={"max_restarts": 2, "max_seconds": 30, "backoff_initial": "10ms"}
+    )
+    async with running(settings, registry(journal, crash_builds=99), wait_ready=False, exit_code=EXIT_SOFTWARE) as d:
+        with anyio.fail_after(10):
+            await d.stopped.wait()  # escalation stops the daemon by itself
+    assert "crashed 3 times" in d.supervisor.escalated
+    assert d.metrics.restarts.labels(crashy["name"])._value.get() == 2  # the third crash escalates
+    assert d.statuses[healthy["name"]].reason == "stopped"  # drained, not left running
+
+
+async def test_drain_lets_in_flight_handlers_finish_and_acks_them(amqp):
+    journal = Journal()
+    source = amqp.track(amqp_source("flaky", handler_options={"fail_attempts": 0, "sleep": 0.5}, prefetch=4))
+    async with running(make_settings([source]), registry(journal)) as daemon:
+        for i in range(10):
+            await amqp.publish(source["exchange"], "k", b"{}", message_id=f"slow-{i}")
+        await wait_for(lambda: len(journal.calls) == 4, what="4 handlers in flight")
+        daemon.request_drain("test")
+        assert not daemon.readiness()[0]
+        assert daemon.metrics.draining._value.get() == 1
+    acked = daemon.metrics.processed.labels(source["name"], "ack")._value.get()
+    assert acked == len(journal.calls) == 4  # in-flight ones finished and were acked
+    assert await amqp.depth(source["queue"]) == 6  # the unstarted ones went back to the queue
+
+
+async def test_drain_timeout_cancels_handlers_and_requeues_their_messages(amqp):
+    journal = Journal()
+    source = amqp.track(amqp_source("flaky", handler_options={"fail_attempts": 0, "sleep": 30}, prefetch=3))
+    settings = make_settings([source], daemon={"drain_timeout": "300ms"})
+    started = anyio.current_time()
+    async with running(settings, registry(journal)) as daemon:
+        for i in range(3):
+            await amqp.publish(source["exchange"], "k", b"{}", message_id=f"stuck-{i}")
+        await wait_for(lambda: len(journal.calls) == 3, what="3 handlers stuck")
+        daemon.request_drain("test")
+    assert anyio.current_time() - started < 10
+    assert daemon.metrics.processed.labels(source["name"], "ack")._value.get() == 0
+    assert await amqp.depth(source["queue"]) == 3  # released, never acked
+
+
+async def test_unreachable_broker_is_not_a_crash_and_readyz_names_the_source(amqp):
+    port = free_port()  # nothing listens there
+    down = amqp_source("sms_dlr", url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    up = amqp.track(amqp_source("sms_dlr"))
+    settings = make_settings([down, up])
+    async with running(settings, wait_ready=False) as daemon:
+        await wait_for(lambda: daemon.statuses[up["name"]].up, what="healthy source up")
+        await wait_for(lambda: "cannot connect" in daemon.statuses[down["name"]].reason, what="down reason")
+        status, body = await http_get(settings.http.port, "/readyz")
+        assert status == 503
+        assert body["sources"][down["name"]]["up"] is False
+        assert "cannot connect to amqp://guest:***@127.0.0.1" in body["sources"][down["name"]]["reason"]
+        assert body["sources"][up["name"]] == {"up": True}
+        assert (await http_get(settings.http.port, "/healthz"))[0] == 200
+        assert daemon.metrics.source_up.labels(down["name"])._value.get() == 0
+        assert daemon.metrics.source_up.labels(up["name"])._value.get() == 1
+        assert daemon.metrics.restarts.labels(down["name"])._value.get() == 0
+
+
+async def test_queue_with_other_arguments_is_reported_once_as_a_config_error(amqp):
+    queue = unique("test.precondition")
+    source = amqp.track(amqp_source("sms_dlr", queue=queue, queue_arguments={"x-message-ttl": 60000}))
+    channel = await amqp.connection.channel()
+    await channel.declare_queue(queue, durable=True, arguments={"x-message-ttl": 1000})
+    await channel.close()
+    settings = make_settings([source], supervisor={"backoff_max": "200ms", "backoff_initial": "10ms"})
+    with capture_logs() as logs:
+        async with running(settings, wait_ready=False) as daemon:
+            status = daemon.statuses[source["name"]]
+            await wait_for(lambda: "misconfigured" in status.reason, what="misconfiguration reported")
+            await anyio.sleep(1)  # several more checks at backoff_max: still one log line
+    assert "x-message-ttl" in status.reason
+    assert queue in status.reason
+    assert "delete" in status.reason
+    reports = [e for e in logs if e["event"] == "source misconfigured"]
+    assert len(reports) == 1
+    assert reports[0]["log_level"] == "error"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.02])
+async def test_stopping_at_once_mid_retries_is_not_a_crash_and_loses_nothing(amqp, delay):
+    journal = Journal()
+    source = amqp.track(
+        amqp_source(
+            "flaky", retry_initial="10ms", retry_max="20ms", max_attempts=50, handler_options={"fail_attempts": 40}
+        )
+    )
+    ids = {f"m{i}" for i in range(30)}
+    with capture_logs() as logs:
+        async with running(make_settings([source]), registry(journal), exit_code=1) as daemon:
+            for message_id in sorted(ids):
+                await amqp.publish(source["exchange"], "k", b"{}", message_id=message_id)
+            await wait_for(lambda: len(journal.bodies) >= 60, timeout=20, what="retries in flight")
+            await anyio.sleep(delay)
+            daemon.stop_now("second SIGTERM")
+    assert not [e for e in logs if "crash" in e["event"]]
+    left = await amqp.drain_queue(source["queue"]) + await amqp.drain_queue(source["queue"] + ".retry")
+    assert {m.message_id for m in left} == ids  # each one back in its queue or its retry copy

@@ -1,0 +1,115 @@
+"""`payment_events` (seed 004): Razorpay, manual and Zoho payments reconcile Stripe invoices."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.signing import razorpay_relay
+from tests.support import make_settings, running, sqs_source, unique, wait_for
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "rzp_whsec_test"
+
+
+def captured(payment_id: str, amount: int, notes) -> dict:
+    """A Razorpay `payment.captured` webhook (Razorpay docs, "Payment Webhook Payloads")."""
+    return {
+        "entity": "event",
+        "account_id": "acc_1",
+        "event": "payment.captured",
+        "contains": ["payment"],
+        "payload": {
+            "payment": {
+                "entity": {
+                    "id": payment_id,
+                    "entity": "payment",
+                    "amount": amount,
+                    "currency": "INR",
+                    "status": "captured",
+                    "method": "upi",
+                    "notes": notes,
+                }
+            }
+        },
+        "created_at": 1700000000,
+    }
+
+
+async def reconcile(sqs, stripe_double, messages, *, ack, dead=0, **overrides):
+    url, dlq = await sqs.queue()
+    source = sqs_source("payment_events", url, dlq, sqs.endpoint, **overrides)
+    for message in messages:
+        await sqs.send(url, message)
+    settings = make_settings(
+        [source],
+        stripe={"api_key": "sk_test_billingd", "api_base": stripe_double.url, "timeout": "2s"},
+        razorpay={"key_id": "rzp_test", "key_secret": "s", "webhook_secret": SECRET},
+    )
+    async with running(settings) as daemon:
+        processed = daemon.metrics.processed
+        await wait_for(lambda: processed.labels(source["name"], "ack")._value.get() == ack, timeout=30, what="acked")
+        await wait_for(lambda: processed.labels(source["name"], "dead_letter")._value.get() == dead, what="dead")
+        await wait_for(lambda: _depth(sqs, dlq, dead), what="DLQ depth")
+    return [m["MessageAttributes"]["reason"]["StringValue"] for m in await sqs.take(dlq)]
+
+
+async def _depth(sqs, url, n) -> bool:
+    return await sqs.depth(url) == n
+
+
+async def test_a_capture_delivered_three_times_with_stripe_failing_pays_once(sqs, stripe_double):
+    invoice = unique("in")
+    stripe_double.invoice(invoice, 150000, "inr")
+    capture = razorpay_relay(captured("pay_abc", 150000, {"stripe_invoice_id": invoice}), SECRET, "evt_rzp_1")
+    stripe_double.fail_next(2, 500)  # Stripe fails between the steps: the retries must not pay twice
+    await reconcile(sqs, stripe_double, [capture, capture, capture], ack=3)
+    assert stripe_double.payments == [invoice]
+    paid = stripe_double.objects["invoices"][invoice]
+    assert (paid["status"], paid["paid_out_of_band"], paid["amount_remaining"]) == ("paid", True, 0)
+    assert paid["metadata"] == {"billingd_gateway": "razorpay", "billingd_payment_id": "pay_abc"}
+    pay_keys = {r.headers.get("Idempotency-Key") for r in stripe_double.requests if r.path.endswith("/pay")}
+    assert pay_keys == {"billingd-pay-razorpay-pay_abc"}
+
+
+async def test_mismatches_bad_signatures_and_missing_notes_go_to_finance_unpaid(sqs, stripe_double):
+    short, dollars, forged = (unique("in") for _ in range(3))
+    stripe_double.invoice(short, 150000, "inr")
+    stripe_double.invoice(dollars, 150000, "usd")
+    stripe_double.invoice(forged, 5000, "inr")
+    bad_signature = razorpay_relay(captured("pay_forged", 5000, {"stripe_invoice_id": forged}), "not-the-secret", "e4")
+    messages = [
+        razorpay_relay(captured("pay_short", 149000, {"stripe_invoice_id": short}), SECRET, "e1"),
+        {"gateway": "manual", "stripe_invoice_id": dollars, "reference": "UTR123", "amount": 150000, "currency": "inr"},
+        razorpay_relay(captured("pay_nonotes", 100, []), SECRET, "e3"),  # notes as an empty list
+        bad_signature,
+    ]
+    reasons = sorted(await reconcile(sqs, stripe_double, messages, ack=0, dead=4))
+    assert reasons == sorted(
+        [
+            f"amount mismatch: razorpay payment pay_short is 149000 INR, invoice {short} has 150000 INR remaining",
+            f"amount mismatch: manual payment UTR123 is 150000 INR, invoice {dollars} has 150000 USD remaining",
+            "Razorpay payment pay_nonotes has no notes.stripe_invoice_id: reconcile it by hand",
+            "X-Razorpay-Signature verification failed",
+        ]
+    )
+    assert stripe_double.payments == []
+    assert stripe_double.objects["invoices"][forged]["status"] == "open"
+
+
+async def test_manual_and_zoho_payments_reconcile_and_a_paid_invoice_is_left_alone(sqs, stripe_double):
+    bank, zoho, done = (unique("in") for _ in range(3))
+    stripe_double.invoice(bank, 150000, "inr")
+    stripe_double.invoice(zoho, 99900, "inr")
+    stripe_double.invoice(done, 5000, "inr", status="paid", amount_remaining=0)
+    messages = [
+        {"gateway": "manual", "stripe_invoice_id": bank, "reference": "UTR998877", "amount": 150000, "currency": "inr"},
+        {"gateway": "zoho", "stripe_invoice_id": zoho, "payment_id": "zp_1", "amount": 99900, "currency": "INR"},
+        {"gateway": "zoho", "stripe_invoice_id": done, "payment_id": "zp_2", "amount": 5000, "currency": "inr"},
+        razorpay_relay({"entity": "event", "event": "payment.failed", "payload": {}}, SECRET, "e9"),  # ignored
+    ]
+    await reconcile(sqs, stripe_double, messages, ack=4)
+    assert sorted(stripe_double.payments) == sorted([bank, zoho])
+    assert stripe_double.objects["invoices"][bank]["metadata"]["billingd_payment_id"] == "UTR998877"
+    assert stripe_double.objects["invoices"][zoho]["metadata"]["billingd_gateway"] == "zoho"
+    assert stripe_double.objects["invoices"][done]["metadata"] == {}
