@@ -82,8 +82,12 @@ def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Setting
 
 
 def semantic_errors(settings: Settings) -> list[str]:
-    """Rules that span several keys (ordering of durations, unique names)."""
+    """Rules that span several keys (ordering of durations, unique names, at least one source)."""
     errors: list[str] = []
+    if not settings.sources:
+        # An empty or truncated file (a ConfigMap that did not mount, an editor caught mid-write
+        # by SIGHUP) must not start a daemon that bills nothing, nor drain every running source.
+        errors.append("sources: no [[sources]] table: billingd would consume nothing; add at least one [[sources]]")
 
     def order(path: str, low_key: str, low: float, high_key: str, high: float) -> None:
         if low > high:

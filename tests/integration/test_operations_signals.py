@@ -130,14 +130,15 @@ async def test_sighup_restarts_only_the_changed_source_and_a_broken_file_changes
             after = await scrape(port)
             assert metric(after, "billingd_broker_requests_total", b["name"], "consume") == 1  # b never re-consumed
             assert metric(after, "billingd_broker_requests_total", a["name"], "cancel") >= 1  # a was drained
-            config.write_text("[daemon\nthis is not TOML")
-            process.send_signal(signal.SIGHUP)
+            for number, broken in enumerate(["[daemon\nthis is not TOML", ""], start=1):  # "": truncated file
+                config.write_text(broken)
+                process.send_signal(signal.SIGHUP)
 
-            async def rejected() -> bool:
-                samples = await scrape(port)
-                return samples.get(("billingd_config_reloads_total", (("result", "error"),)), 0) == 1
+                async def rejected(number: int = number) -> bool:
+                    samples = await scrape(port)
+                    return samples.get(("billingd_config_reloads_total", (("result", "error"),)), 0) == number
 
-            await wait_for(rejected, timeout=20, what="broken reload counted")
+                await wait_for(rejected, timeout=20, what=f"broken reload {number} counted")
             samples = await scrape(port)
             assert metric(samples, "billingd_broker_requests_total", a["name"], "consume") == 2
             assert metric(samples, "billingd_broker_requests_total", b["name"], "consume") == 1

@@ -11,6 +11,13 @@ from hypothesis import strategies as st
 from billingd.config import ConfigError, format_duration, load_config, parse_config, parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
+A_SOURCE = """
+[[sources]]
+name = "u"
+type = "sqs"
+handler = "usage"
+queue_url = "http://127.0.0.1:4566/000000000000/q"
+"""
 
 
 def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
@@ -106,7 +113,7 @@ def test_env_expansion_required_and_default():
     url = "${REDIS_URL}"
     [http]
     listen = "${LISTEN:-127.0.0.1:9999}"
-    """
+    """ + A_SOURCE
     assert errors_of(text) == [
         "redis.url: environment variable REDIS_URL is not set "
         "(set it, or write ${REDIS_URL:-default} to allow a default)"
@@ -118,12 +125,21 @@ def test_env_expansion_required_and_default():
 
 
 def test_secrets_must_come_from_the_environment():
-    errors = errors_of('[stripe]\napi_key = "sk_live_abc"\n')
+    errors = errors_of('[stripe]\napi_key = "sk_live_abc"\n' + A_SOURCE)
     assert errors == [
         'stripe.api_key: a secret must come from the environment: write "${STRIPE_SECRET_KEY}" '
         "and set STRIPE_SECRET_KEY, not the value itself"
     ]
-    assert parse_config('[stripe]\napi_key = "${K}"\n', {"K": "sk_test"}).stripe.api_key == "sk_test"
+    assert parse_config('[stripe]\napi_key = "${K}"\n' + A_SOURCE, {"K": "sk_test"}).stripe.api_key == "sk_test"
+
+
+@pytest.mark.parametrize("text", ["", "[daemon]\nlog_level = \"info\"\n", "sources = []\n"])
+def test_a_file_without_sources_is_refused(text):
+    # an empty or truncated file must neither start a daemon that bills nothing nor, on SIGHUP,
+    # drain every source
+    assert errors_of(text) == [
+        "sources: no [[sources]] table: billingd would consume nothing; add at least one [[sources]]"
+    ]
 
 
 def test_not_toml_and_missing_file(tmp_path):
