@@ -108,12 +108,15 @@ def test_rules_across_keys():
 
 
 def test_env_expansion_required_and_default():
-    text = """
+    text = (
+        """
     [redis]
     url = "${REDIS_URL}"
     [http]
     listen = "${LISTEN:-127.0.0.1:9999}"
-    """ + A_SOURCE
+    """
+        + A_SOURCE
+    )
     assert errors_of(text) == [
         "redis.url: environment variable REDIS_URL is not set "
         "(set it, or write ${REDIS_URL:-default} to allow a default)"
@@ -133,7 +136,7 @@ def test_secrets_must_come_from_the_environment():
     assert parse_config('[stripe]\napi_key = "${K}"\n' + A_SOURCE, {"K": "sk_test"}).stripe.api_key == "sk_test"
 
 
-@pytest.mark.parametrize("text", ["", "[daemon]\nlog_level = \"info\"\n", "sources = []\n"])
+@pytest.mark.parametrize("text", ["", '[daemon]\nlog_level = "info"\n', "sources = []\n"])
 def test_a_file_without_sources_is_refused(text):
     # an empty or truncated file must neither start a daemon that bills nothing nor, on SIGHUP,
     # drain every source
