@@ -165,18 +165,7 @@ def test_bad_durations(text):
 
 
 def test_sqs_source_rules():
-    errors = errors_of(
-        """
-        [[sources]]
-        name = "u"
-        type = "sqs"
-        handler = "usage"
-        queue_url = "http://127.0.0.1:4566/000000000000/q"
-        wait_time = "30s"
-        visibility_timeout = "13h"
-        ack_flush = "1s"
-        """
-    )
+    errors = errors_of(A_SOURCE + 'wait_time = "30s"\nvisibility_timeout = "13h"\nack_flush = "1s"\n')
     assert errors == [
         "sources[0].ack_flush: expected at most 100ms, got 1000ms",
         "sources[0].wait_time: expected at most 20s (the SQS long-poll limit), got 30s",
