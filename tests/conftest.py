@@ -6,16 +6,19 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aio_pika
 import hypothesis  # noqa: F401 — imported early: a lazy import in pytest's summary hits a CPython 3.11.7 compile bug
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from billingd.daemon.logging import configure_logging
+from tests.cluster import RedisClusterServer
 from tests.doubles.server import Sink
 from tests.doubles.stripe import StripeDouble
-from tests.support import AMQP_URL, REDIS_URL, Amqp, Sqs, free_port
+from tests.support import AMQP_URL, REDIS_URL, Amqp, RedisTarget, Sqs, free_port
 
 configure_logging("warning", "console")
 
@@ -34,11 +37,42 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `redis_backends` run twice: on the single Redis and on the test cluster."""
+    if metafunc.definition.get_closest_marker("redis_backends") and "redis_backend" in metafunc.fixturenames:
+        metafunc.parametrize("redis_backend", ["single", "cluster"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """A 3-master Redis Cluster (with a replica each) on loopback ports, for the session."""
+    cluster = RedisClusterServer()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-async def redis() -> AsyncIterator[aioredis.Redis]:
-    """The test Redis database (db 15), emptied before each test."""
-    client = aioredis.Redis.from_url(REDIS_URL)
-    await client.flushdb()
+def redis_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """`single` (db 15 of the machine's Redis) or `cluster`; billingd's settings follow it."""
+    kind = getattr(request, "param", "single")
+    if kind == "cluster":
+        RedisTarget.use(request.getfixturevalue("redis_cluster").url, cluster=True)
+    try:
+        yield kind
+    finally:
+        RedisTarget.use(REDIS_URL, cluster=False)
+
+
+@pytest.fixture
+async def redis(redis_backend: str) -> AsyncIterator[Any]:
+    """A client of the Redis the test's billingd uses (see `redis_backend`), emptied first."""
+    if redis_backend == "cluster":
+        client: Any = RedisCluster.from_url(RedisTarget.url)
+        await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        await client.flushdb()
     yield client
     await client.aclose()
 

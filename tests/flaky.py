@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import anyio
 import msgspec
 
-from billingd.clients import Clients, DownstreamUnavailable
-from billingd.config import SourceSettings
-from billingd.handlers.base import Handler, HandlerSpec, Message
+from billingd.clients import DownstreamUnavailable
+from billingd.handlers.base import Handler, HandlerContext, HandlerSpec, Message
 from billingd.handlers.outcome import ACK, Outcome
 from billingd.handlers.registry import HANDLERS
 
@@ -23,6 +24,8 @@ class FlakyOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sleep: float = 0.0
     error: str = "transient"  # or "bug": raise a plain RuntimeError, as a handler bug would
     only: str = ""  # when set, only bodies containing this text fail
+    bogus: str = ""  # bodies containing this text get an outcome that is none of the three: a bug
+    stuck: str = ""  # "shielded": `sleep` ignores cancellation; "blocking": `sleep` blocks the event loop
 
 
 @dataclass
@@ -47,9 +50,16 @@ class FlakyHandler:
     async def handle(self, message: Message) -> Outcome:
         self.journal.calls[message.message_id].append((message.attempt, anyio.current_time()))
         self.journal.bodies.append(message.body)
-        if self.options.sleep:
+        if self.options.stuck == "shielded":
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(self.options.sleep)
+        elif self.options.stuck == "blocking":
+            time.sleep(self.options.sleep)  # noqa: ASYNC251 — the point: a handler that wedges the loop
+        elif self.options.sleep:
             await anyio.sleep(self.options.sleep)
         self.journal.ends[message.message_id] = anyio.current_time()
+        if self.options.bogus and self.options.bogus.encode() in message.body:
+            return "not an outcome"  # type: ignore[return-value] — a handler bug the actor cannot settle
         chosen = not self.options.only or self.options.only.encode() in message.body
         if chosen and message.attempt <= self.options.fail_attempts:
             if self.options.error == "bug":
@@ -58,13 +68,13 @@ class FlakyHandler:
         return ACK
 
 
-def registry(journal: Journal, crash_builds: int = 0) -> MappingProxyType[str, HandlerSpec]:
+def registry(journal: Journal, crash_builds: int = 0) -> MappingProxyType[str, HandlerSpec[Any]]:
     """The real handlers plus `flaky` and `crashy` (whose build raises the first `crash_builds` times)."""
 
-    def build_flaky(clients: Clients, options: FlakyOptions, source: SourceSettings) -> Handler:
+    def build_flaky(ctx: HandlerContext, options: FlakyOptions) -> Handler:
         return FlakyHandler(options, journal)
 
-    def build_crashy(clients: Clients, options: FlakyOptions, source: SourceSettings) -> Handler:
+    def build_crashy(ctx: HandlerContext, options: FlakyOptions) -> Handler:
         journal.builds += 1
         if journal.builds <= crash_builds:
             raise RuntimeError(f"scripted crash #{journal.builds}")

@@ -23,6 +23,26 @@ AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
+class RedisTarget:
+    """Which Redis `make_settings` points billingd at: the test database of the single Redis, or
+    the test cluster while the `redis_backend` fixture runs a test against it."""
+
+    url = REDIS_URL
+    cluster = False
+
+    @classmethod
+    def use(cls, url: str, cluster: bool) -> None:
+        cls.url, cls.cluster = url, cluster
+
+    @classmethod
+    def client(cls) -> Any:
+        """A new client of the current target (a `RedisCluster` for the cluster)."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(cls.url) if cls.cluster else aioredis.Redis.from_url(cls.url)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -41,13 +61,26 @@ def make_settings(sources: list[dict[str, Any]], **sections: Any) -> Settings:
         "daemon": {"drain_timeout": "10s", "log_level": "warning"},
         "http": {"listen": f"127.0.0.1:{free_port()}"},
         "supervisor": {"backoff_initial": "50ms", "backoff_max": "1s", "max_restarts": 5, "max_seconds": 60},
-        "redis": {"url": REDIS_URL, "timeout": "500ms"},
+        "redis": {"url": RedisTarget.url, "cluster": RedisTarget.cluster, "timeout": "500ms"},
         "breakers": {"default": {"failure_threshold": 3, "reset_timeout": "500ms", "reset_timeout_max": "2s"}},
         "sources": sources,
     }
     for key, value in sections.items():
         tree[key] = {**tree.get(key, {}), **value}
     return convert(tree, Settings)
+
+
+def build_handler_for(settings: Settings, index: int = 0) -> tuple[Any, Any]:
+    """The handler of `settings.sources[index]` as the daemon builds it (unguarded clients, a
+    registry of its own), and its `Clients` (close with `aclose()`)."""
+    from billingd.clients import Clients, Unguarded
+    from billingd.handlers.base import HandlerContext
+    from billingd.handlers.registry import build_handler
+    from billingd.telemetry import Metrics
+
+    clients = Clients(settings.redis, settings.stripe, Unguarded)
+    context = HandlerContext(settings.sources[index], clients, settings.stripe, settings.razorpay, Metrics("test"))
+    return build_handler(context), clients
 
 
 def amqp_source(handler: str, **overrides: Any) -> dict[str, Any]:

@@ -7,31 +7,85 @@ retry-with-backoff is disabled for that reason.
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import BusyLoadingError, ReadOnlyError, TryAgainError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from billingd.config.model import RedisSettings
 
 #: redis-py exceptions that mean "Redis is unreachable or busy right now" (retry later).
-TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
+TRANSIENT_REDIS_ERRORS: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     BusyLoadingError,
     ReadOnlyError,
     TryAgainError,
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    NoPermissionError,  # an ACL problem is ours, not the message's (like Stripe's 401)
     OSError,
 )
 
+#: Error-reply prefixes that mean "not now" rather than "not this data" (Redis's own codes:
+#: a script still running, memory full, replicas missing, cluster down or resharding, auth).
+TRANSIENT_REPLY_PREFIXES = (
+    "BUSY",
+    "OOM",
+    "MASTERDOWN",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "LOADING",
+    "READONLY",
+    "MOVED",
+    "ASK",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+)
 
-def connect_redis(settings: RedisSettings) -> aioredis.Redis:
-    """A pooled asyncio Redis client for `settings.url` (connects lazily on first command).
+
+def is_transient_reply(exc: ResponseError) -> bool:
+    """Whether an error reply says Redis is unavailable now (retry) rather than refusing the data."""
+    return isinstance(exc, TRANSIENT_REDIS_ERRORS) or str(exc).lstrip().startswith(TRANSIENT_REPLY_PREFIXES)
+
+
+#: A single Redis or a Redis Cluster: the ledgers use only what both offer (commands, scripts,
+#: non-transactional pipelines).
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def connect_redis(settings: RedisSettings) -> RedisClient:
+    """A pooled asyncio client for `settings.url` (connects lazily on first command): a single
+    Redis, or with `settings.cluster` a Redis Cluster (slots discovered from that node; MOVED/ASK
+    followed; after a failover the topology is read again).
 
     Every connect and command is bounded by `settings.timeout` seconds; one reconnect attempt
     and no backoff, so failures reach the breaker at once.
     """
+    if settings.cluster:
+        return RedisCluster.from_url(
+            settings.url,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            max_connections=settings.max_connections,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+            decode_responses=False,
+        )
     return aioredis.Redis.from_url(
         settings.url,
         socket_timeout=settings.timeout,

@@ -75,7 +75,8 @@ class StripeGateway:
     ) -> dict[str, Any]:
         options: dict[str, Any] = {"idempotency_key": idempotency_key} if idempotency_key else {}
         result = await self._guard.call(self._request_on, method, target, params, options)
-        return result.to_dict()
+        body: dict[str, Any] = result.to_dict()
+        return body
 
     async def retrieve(self, resource: str, object_id: str) -> dict[str, Any]:
         """GET one object: `resource` is `customers`, `products`, `invoices` or `subscriptions`.
@@ -115,4 +116,4 @@ class StripeGateway:
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
-        await self._http.close_async()
+        await self._http.close_async()  # type: ignore[no-untyped-call]  # stripe leaves it unannotated

@@ -18,7 +18,7 @@ import msgspec
 
 from billingd.config.durations import Duration
 from billingd.config.env import expand_tree
-from billingd.config.model import Settings, SqsSourceSettings
+from billingd.config.model import SQS_MAX_VISIBILITY, SQS_MAX_WAIT, Settings, SqsSourceSettings
 
 T = TypeVar("T")
 
@@ -95,6 +95,18 @@ def semantic_errors(settings: Settings) -> list[str]:
 
     sup = settings.supervisor
     order("supervisor", "backoff_initial", sup.backoff_initial, "backoff_max", sup.backoff_max)
+    if settings.redis.cluster:
+        database = settings.redis.url.split("://", 1)[-1].partition("/")[2].split("?")[0]
+        if database not in ("", "0"):
+            errors.append(f"redis.url: a Redis Cluster has only database 0, got /{database}: drop it from the URL")
+    folded: dict[str, str] = {}
+    for name in settings.stripe.meters:  # matched case-insensitively (billingd.handlers.meters)
+        if name.casefold() in folded:
+            errors.append(
+                f'stripe.meters."{name}": matches the same event types as "{folded[name.casefold()]}" '
+                "(event types are matched case-insensitively): keep one"
+            )
+        folded.setdefault(name.casefold(), name)
     for name in settings.breakers:
         resolved = settings.breaker(name)
         order(
@@ -114,11 +126,12 @@ def semantic_errors(settings: Settings) -> list[str]:
         if source.ack_flush > 0.1:
             errors.append(f"{path}.ack_flush: expected at most 100ms, got {source.ack_flush * 1000:g}ms")
         if isinstance(source, SqsSourceSettings):
-            if source.wait_time > 20:
+            if source.wait_time > SQS_MAX_WAIT:
                 errors.append(
-                    f"{path}.wait_time: expected at most 20s (the SQS long-poll limit), got {source.wait_time:g}s"
+                    f"{path}.wait_time: expected at most {SQS_MAX_WAIT}s (the SQS long-poll limit), "
+                    f"got {source.wait_time:g}s"
                 )
-            if not 1 <= source.visibility_timeout <= 43200:
+            if not 1 <= source.visibility_timeout <= SQS_MAX_VISIBILITY:
                 errors.append(
                     f"{path}.visibility_timeout: expected between 1s and 12h, got {source.visibility_timeout:g}s"
                 )
@@ -203,8 +216,8 @@ def _struct_choice(value: Any, typ: Any, path: str, errors: list[str]) -> Any:
     if not isinstance(value, dict):
         errors.append(f"{path}: expected a table, got {_show(value)}")
         return _INVALID
-    infos = {msgspec.inspect.type_info(m).tag: m for m in members}
-    tag_field = msgspec.inspect.type_info(members[0]).tag_field
+    infos = {m.__struct_config__.tag: m for m in members}
+    tag_field = members[0].__struct_config__.tag_field
     tag = value.get(tag_field)
     if tag not in infos:
         choices = " | ".join(f'"{t}"' for t in infos)
@@ -219,7 +232,7 @@ def _walk_struct(value: Any, struct: type[msgspec.Struct], path: str, errors: li
         errors.append(f"{path or 'the file'}: expected a table, got {_show(value)}")
         return
     fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
-    tag_field = msgspec.inspect.type_info(struct).tag_field
+    tag_field = struct.__struct_config__.tag_field
     prefix = f"{path}." if path else ""
     for key in value:
         if key not in fields and key != tag_field:

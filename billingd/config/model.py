@@ -1,7 +1,8 @@
 """The typed shape of `billingd.toml` (DESIGN §4): msgspec Structs, unknown keys rejected.
 
 Durations are `Duration` (float seconds) written as strings (`"30s"`). Every Struct is frozen:
-a running daemon never mutates its settings; a reload builds new ones.
+a running daemon never mutates its settings; a reload builds new ones. Each subclass says
+`frozen=True` again (msgspec inherits it; type checkers need to see it).
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     """Base of every table: unknown keys are errors, values are immutable."""
 
 
-class DaemonSettings(_Section):
+class DaemonSettings(_Section, frozen=True):
     """`[daemon]`: process lifecycle and logging."""
 
     drain_timeout: Duration = Duration(25)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    uvloop: bool = True
+    """Run on uvloop where it is installed (Linux, macOS); `false` runs on asyncio's own loop."""
 
 
-class HttpSettings(_Section):
+class HttpSettings(_Section, frozen=True):
     """`[http]`: the only HTTP surface, `/metrics`, `/healthz`, `/readyz`."""
 
     listen: Annotated[
@@ -64,7 +67,7 @@ class HttpSettings(_Section):
         return int(self.listen.rsplit(":", 1)[1])
 
 
-class SupervisorSettings(_Section):
+class SupervisorSettings(_Section, frozen=True):
     """`[supervisor]`: one_for_one restart intensity and backoff (DESIGN §3)."""
 
     max_restarts: Annotated[int, Meta(ge=0)] = 5
@@ -73,15 +76,19 @@ class SupervisorSettings(_Section):
     backoff_max: Duration = Duration(30)
 
 
-class RedisSettings(_Section):
-    """`[redis]`: the ledger's Redis. `timeout` bounds connect and every command (seconds)."""
+class RedisSettings(_Section, frozen=True):
+    """`[redis]`: the ledger's Redis. `timeout` bounds connect and every command (seconds).
+
+    `cluster = true`: `url` names any node of a Redis Cluster (database 0), the client discovers
+    the others and follows MOVED/ASK redirections and failovers (redis-py's `RedisCluster`)."""
 
     url: str = "redis://127.0.0.1:6379/0"
     timeout: Duration = Duration(2)
     max_connections: PositiveInt = 64
+    cluster: bool = False
 
 
-class StripeSettings(_Section):
+class StripeSettings(_Section, frozen=True):
     """`[stripe]`: API access; `meters` maps a usage event type to a Stripe meter `event_name`."""
 
     api_key: str = ""
@@ -92,7 +99,7 @@ class StripeSettings(_Section):
     meters: dict[str, str] = field(default_factory=dict)
 
 
-class RazorpaySettings(_Section):
+class RazorpaySettings(_Section, frozen=True):
     """`[razorpay]`: API keys and the webhook secret used to verify `X-Razorpay-Signature`."""
 
     key_id: str = ""
@@ -101,7 +108,7 @@ class RazorpaySettings(_Section):
     api_base: str = "https://api.razorpay.com"
 
 
-class BreakerSettings(_Section):
+class BreakerSettings(_Section, frozen=True):
     """`[breakers.<name>]`: a circuit breaker (DESIGN §3). Missing keys fall back to `default`."""
 
     failure_threshold: PositiveInt | None = None
@@ -117,12 +124,12 @@ class ResolvedBreaker(msgspec.Struct, frozen=True):
     reset_timeout_max: float = 60.0
 
 
-class SourceSettings(_Section, tag_field="type"):
+class SourceSettings(_Section, frozen=True, tag_field="type"):
     """Keys shared by every `[[sources]]` entry (DESIGN §4)."""
 
     name: SourceName
     handler: str
-    prefetch: Annotated[int, Meta(ge=1, le=10000)] = 10
+    prefetch: Annotated[int, Meta(ge=1, le=10000)] = 20  # the knee of bench/compare.py curves
     concurrency: PositiveInt | None = None
     max_attempts: PositiveInt = 5
     retry_initial: Duration = Duration(1)
@@ -137,7 +144,14 @@ class SourceSettings(_Section, tag_field="type"):
         return self.concurrency or self.prefetch
 
 
-class SqsSourceSettings(SourceSettings, tag="sqs", kw_only=True):
+#: SQS's own limits (Amazon SQS Developer Guide, "Quotas"): the longest long poll (seconds), the
+#: longest visibility timeout (seconds), the most entries of a batch call.
+SQS_MAX_WAIT = 20
+SQS_MAX_VISIBILITY = 43_200
+SQS_MAX_BATCH = 10
+
+
+class SqsSourceSettings(SourceSettings, frozen=True, tag="sqs", kw_only=True):
     """An SQS queue (`type = "sqs"`)."""
 
     queue_url: str
@@ -147,13 +161,27 @@ class SqsSourceSettings(SourceSettings, tag="sqs", kw_only=True):
     wait_time: Duration = Duration(20)
     visibility_timeout: Duration = Duration(60)
 
+    @property
+    def fifo(self) -> bool:
+        """Whether the queue is a FIFO queue (SQS names them `….fifo`)."""
+        return self.queue_url.endswith(".fifo")
 
-class AmqpSourceSettings(SourceSettings, tag="amqp", kw_only=True):
+    @property
+    def dead_letter_fifo(self) -> bool:
+        """Whether the dead-letter queue is a FIFO queue."""
+        return self.dead_letter_queue_url.endswith(".fifo")
+
+
+class AmqpSourceSettings(SourceSettings, frozen=True, tag="amqp", kw_only=True):
     """A RabbitMQ queue bound to an exchange (`type = "amqp"`)."""
 
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
     exchange: str
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
+    exchange_declare: Literal["durable", "transient", "passive"] = "durable"
+    """How the exchange is declared: `durable`; `transient` (durable = false, auto-delete off: as
+    Jasmin declares `billing` and `messaging`, so either may declare first); `passive` (it must
+    exist: billingd waits for it, then binds)."""
     queue: Annotated[str, Meta(min_length=1, max_length=250)]
     routing_keys: list[str] = field(default_factory=list)
     queue_arguments: dict[str, Any] = field(default_factory=dict)
@@ -162,7 +190,7 @@ class AmqpSourceSettings(SourceSettings, tag="amqp", kw_only=True):
 AnySource = SqsSourceSettings | AmqpSourceSettings
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True):
     """The whole of `billingd.toml`."""
 
     daemon: DaemonSettings = field(default_factory=DaemonSettings)

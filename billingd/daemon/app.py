@@ -7,36 +7,45 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import anyio
 import structlog
 
 from billingd import __version__
 from billingd.clients import Clients
-from billingd.config import ConfigError, Settings, load_config
+from billingd.config import ConfigError, Settings
 from billingd.config.model import AnySource
+from billingd.daemon.exits import EXIT_FORCED, EXIT_OK, EXIT_SOFTWARE
 from billingd.daemon.http import start_http
+from billingd.daemon.loop import loop_name
 from billingd.daemon.notify import Notifier
 from billingd.daemon.reload import plan_reload
-from billingd.handlers.base import HandlerSpec
-from billingd.handlers.registry import HANDLERS, build_handler, handler_errors
+from billingd.daemon.validation import validate
+from billingd.handlers.base import HandlerContext, HandlerSpec
+from billingd.handlers.registry import HANDLERS, build_handler
 from billingd.sources import make_source
 from billingd.supervisors.actor import SourceActor
 from billingd.supervisors.breaker import BreakerBoard
-from billingd.supervisors.metrics import Metrics
-from billingd.supervisors.status import SourceStatus
+from billingd.supervisors.poison import PoisonLog
 from billingd.supervisors.supervisor import Child, Supervisor
+from billingd.telemetry.metrics import Metrics
+from billingd.telemetry.status import SourceStatus
 
 log = structlog.get_logger("billingd.daemon")
 
-EXIT_OK = 0
-EXIT_FORCED = 1  # a second signal stopped the drain: unsettled messages return to their queues
-EXIT_SOFTWARE = 70  # supervisor escalation (sysexits EX_SOFTWARE)
-EXIT_CONFIG = 78  # invalid configuration (sysexits EX_CONFIG)
 
 #: After `drain_timeout`, handlers are cancelled; this long later everything is.
 ABORT_GRACE = 5.0
+#: Seconds within which the same signal again is a duplicate, not a second request: a terminal's
+#: Ctrl-C reaches the whole process group and `uv run` forwards it once more ~200 ms later.
+DUPLICATE_SIGNAL_WINDOW = 1.0
+#: The hard bound: `drain_timeout` + this many seconds after a stop begins (SIGTERM or an
+#: escalation), a watchdog thread ends the process whatever the event loop is doing (a library
+#: that does not honour cancellation, a blocked loop). Above ABORT_GRACE so the orderly path wins.
+STOP_GRACE = 8.0
 #: `/healthz` fails when the event loop has not ticked for this long (seconds).
 TICK_STALE = 10.0
 #: While draining, systemd's stop timeout is extended by this much at a time (seconds).
@@ -48,7 +57,9 @@ class Daemon:
 
     `config_path` is re-read on SIGHUP (or `reload()`); `handlers` replaces the handler registry
     (tests); `handle_signals=False` leaves signals to the caller, who stops the daemon with
-    `request_drain()`.
+    `request_drain()`. `exit_process` (`os._exit` for the real process) arms the stop watchdog:
+    once a stop has run `drain_timeout` + `STOP_GRACE` seconds, a thread calls it with the exit
+    code; without it (in-process tests) the deadline is only reported by `/healthz`.
     """
 
     def __init__(
@@ -56,10 +67,11 @@ class Daemon:
         settings: Settings,
         *,
         config_path: str | None = None,
-        handlers: Mapping[str, HandlerSpec] = HANDLERS,
+        handlers: Mapping[str, HandlerSpec[Any]] = HANDLERS,
         handle_signals: bool = True,
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
+        exit_process: Callable[[int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -69,8 +81,8 @@ class Daemon:
         self.metrics = Metrics(__version__)
         self.registry = self.metrics.registry
         self.board = BreakerBoard(settings, self.metrics)
-        self.clients = Clients(settings, self.board.get, self.registry)
-        self.supervisor = Supervisor(settings.supervisor, rng=rng)
+        self.clients = Clients(settings.redis, settings.stripe, self.board.get)
+        self.supervisor = Supervisor(settings.supervisor, rng=rng, on_escalate=self._on_escalate)
         self.statuses: dict[str, SourceStatus] = {s.name: SourceStatus(s.name) for s in settings.sources}
         self.draining = False
         self.stopped = anyio.Event()
@@ -79,6 +91,9 @@ class Daemon:
         self._tg: anyio.abc.TaskGroup | None = None
         self._reloading = anyio.Lock()
         self._last_tick = 0.0
+        self._exit_process = exit_process
+        self._stop_deadline: float | None = None
+        self._watchdog: threading.Timer | None = None
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -90,9 +105,12 @@ class Daemon:
         for outcome in metrics.processed.values():
             outcome.inc(0)
         reconnect = (self.settings.supervisor.backoff_initial, self.settings.supervisor.backoff_max)
+        poison = PoisonLog()  # outlives the actors: crash counts per message across restarts
+
+        context = HandlerContext(source, self.clients, self.settings.stripe, self.settings.razorpay, self.metrics)
 
         def factory() -> SourceActor:
-            handler = build_handler(source, self.clients, self.handlers)
+            handler = build_handler(context, self.handlers)
             return SourceActor(
                 source,
                 lambda events: make_source(source, events),
@@ -102,6 +120,7 @@ class Daemon:
                 status,
                 reconnect,
                 self._rng,
+                poison,
             )
 
         return Child(source.name, factory, on_restart=metrics.restarts.inc)
@@ -114,7 +133,11 @@ class Daemon:
         http = self.settings.http
         runner = await start_http(self, http.host, http.port)
         log.info(
-            "billingd started", version=__version__, listen=http.listen, sources=[s.name for s in self.settings.sources]
+            "billingd started",
+            version=__version__,
+            listen=http.listen,
+            sources=[s.name for s in self.settings.sources],
+            loop=loop_name(),
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -129,7 +152,7 @@ class Daemon:
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(ABORT_GRACE):
                 await runner.cleanup()
                 await self.clients.aclose()
             self.notifier.close()
@@ -168,21 +191,52 @@ class Daemon:
         return f"{state}: {up}/{len(self.statuses)} sources up, {int(processed)} messages processed"
 
     def request_drain(self, reason: str = "requested") -> None:
-        """Begin the graceful drain: `/readyz` 503, intake stops, in-flight work finishes."""
+        """Begin the graceful drain: `/readyz` 503, intake stops, in-flight work finishes; the
+        process ends within `drain_timeout` + `STOP_GRACE` whatever happens (see `exit_process`)."""
         if self.draining:
             return
         self.draining = True
+        timeout = float(self.settings.daemon.drain_timeout)
+        self._stop_deadline = anyio.current_time() + timeout + STOP_GRACE
+        if self._exit_process is not None:
+            self._watchdog = threading.Timer(timeout + STOP_GRACE, self._past_deadline)
+            self._watchdog.daemon = True
+            self._watchdog.start()
         self.metrics.draining.set(1)
         self.notifier.send("STOPPING=1", f"STATUS={self.summary()}")
-        log.info("drain started", reason=reason, drain_timeout=float(self.settings.daemon.drain_timeout))
+        log.info("drain started", reason=reason, drain_timeout=timeout)
         self.supervisor.drain()
         if self._tg is not None:
             self._tg.start_soon(self._drain_deadline)
 
+    def disarm(self) -> None:
+        """Cancel the stop watchdog. The real process never does: it stays armed through the
+        event loop's own teardown (executor threads, a stuck DNS lookup) until the process ends."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def _on_escalate(self, reason: str) -> None:
+        self.exit_code = EXIT_SOFTWARE
+        self.request_drain(f"supervisor escalation: {reason}")
+
+    def _past_deadline(self) -> None:
+        """The stop watchdog (a thread): the event loop did not finish the stop in time."""
+        code = self.exit_code if self.exit_code != EXIT_OK else EXIT_FORCED
+        in_flight = {name: m.running for name, m in self.metrics.sources.items() if m.running}
+        log.critical(
+            "stop deadline passed: exiting now; unsettled messages return to their queues",
+            deadline=float(self.settings.daemon.drain_timeout) + STOP_GRACE,
+            in_flight=in_flight,
+            exit_code=code,
+        )
+        assert self._exit_process is not None
+        self._exit_process(code)
+
     def stop_now(self, reason: str = "second signal") -> None:
         """Cancel everything at once; unsettled messages return to their queues."""
         log.warning("stopping at once", reason=reason)
-        self.exit_code = EXIT_FORCED
+        if self.exit_code == EXIT_OK:
+            self.exit_code = EXIT_FORCED
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
@@ -202,16 +256,24 @@ class Daemon:
         self.stop_now("abort grace exceeded")
 
     async def _watch_signals(self) -> None:
+        """SIGHUP reloads; the first SIGTERM/SIGINT drains; the same signal again within
+        `DUPLICATE_SIGNAL_WINDOW` seconds is that one delivered twice (ignored); any later one, or
+        a different one, stops at once."""
+        first: tuple[int, float] | None = None
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                now = anyio.current_time()
                 if signum == signal.SIGHUP:
                     if self._tg is not None:
                         self._tg.start_soon(self.reload)
-                elif self.draining:
-                    self.stop_now(f"second {name}")
-                else:
+                elif first is None and not self.draining:
+                    first = (signum, now)
                     self.request_drain(name)
+                elif first is not None and first[0] == signum and now - first[1] < DUPLICATE_SIGNAL_WINDOW:
+                    log.info("duplicate signal ignored", signal=name, after=round(now - first[1], 3))
+                else:
+                    self.stop_now(f"second {name}")
 
     async def _tick(self) -> None:
         while True:
@@ -228,10 +290,7 @@ class Daemon:
             if self.draining or self.config_path is None:
                 return False
             try:
-                new = load_config(self.config_path)
-                errors = handler_errors(new, self.handlers)
-                if errors:
-                    raise ConfigError(errors, self.config_path)
+                new = validate(self.config_path, self.handlers)
             except ConfigError as exc:
                 self.metrics.config_reloads.labels("error").inc()
                 log.error("config reload rejected: still running the previous config", errors=exc.errors)
@@ -271,10 +330,20 @@ class Daemon:
     # -- observability -----------------------------------------------------------------------
 
     def health(self) -> tuple[bool, dict[str, object]]:
-        """Alive while the supervisor runs and the event loop ticks."""
-        lag = anyio.current_time() - self._last_tick
-        alive = self.supervisor.alive and lag < TICK_STALE
-        return alive, {"alive": alive, "supervisor": self.supervisor.alive, "loop_lag_seconds": round(lag, 3)}
+        """Alive while the supervisor runs and the event loop ticks — and not once the supervisor
+        escalated or a stop has passed its deadline (DESIGN §8: a stuck stop must not look alive)."""
+        now = anyio.current_time()
+        lag = now - self._last_tick
+        overdue = self._stop_deadline is not None and now > self._stop_deadline
+        escalated = self.supervisor.escalated is not None
+        alive = self.supervisor.alive and lag < TICK_STALE and not overdue and not escalated
+        body: dict[str, object] = {"alive": alive, "supervisor": self.supervisor.alive}
+        body["loop_lag_seconds"] = round(lag, 3)
+        if escalated:
+            body["escalated"] = self.supervisor.escalated
+        if overdue:
+            body["stop_overdue_seconds"] = round(now - (self._stop_deadline or now), 3)
+        return alive, body
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when not draining and every source is connected."""

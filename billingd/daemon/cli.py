@@ -1,7 +1,6 @@
 """The `billingd` command: `run`, `check`, `version`, `dlq list|replay`, `publish`.
 
-Exit codes: 0 ok, 1 forced stop, 64 unknown source, 65 not JSON, 69 broker unavailable,
-70 supervisor escalation, 78 invalid config.
+Exit codes: `billingd.daemon.exits`.
 """
 
 from __future__ import annotations
@@ -14,30 +13,21 @@ from collections.abc import Sequence
 import anyio
 
 from billingd import __version__
-from billingd.config import ConfigError, Settings, load_config
-from billingd.daemon.app import EXIT_CONFIG, Daemon
+from billingd.config import ConfigError
+from billingd.daemon.app import Daemon
+from billingd.daemon.check import broker_warnings, describe
+from billingd.daemon.exits import EXIT_CONFIG, EXIT_FORCED
 from billingd.daemon.logging import configure_logging
+from billingd.daemon.loop import loop_options
 from billingd.daemon.notify import Notifier
 from billingd.daemon.tools_cli import add_commands, run_tool
-from billingd.handlers.registry import handler_errors
+from billingd.daemon.validation import validate
+from billingd.handlers.registry import HANDLERS
 
 
 def default_config_path() -> str:
     """`$BILLINGD_CONFIG`, else `./billingd.toml`."""
     return os.environ.get("BILLINGD_CONFIG") or "billingd.toml"
-
-
-def load_checked(path: str) -> Settings:
-    """Load `path` and check handler names and options too.
-
-    Raises:
-        ConfigError: every error found, each with its TOML path.
-    """
-    settings = load_config(path)
-    errors = handler_errors(settings)
-    if errors:
-        raise ConfigError(errors, path)
-    return settings
 
 
 CONFIG_HELP = "config file (default: $BILLINGD_CONFIG, else ./billingd.toml)"
@@ -48,10 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "run the daemon until SIGTERM/SIGINT (SIGHUP reloads the config)"),
-        ("check", "validate the config file and print every error"),
+        ("check", "validate the config file and print every error; then the meters and retention warnings"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", "-c", default=None, help=CONFIG_HELP)
+        if name == "check":
+            command.add_argument("--offline", action="store_true", help="do not ask the brokers for retention periods")
     commands.add_parser("version", help="print the version")
     add_commands(commands, CONFIG_HELP)
     return parser
@@ -67,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("dlq", "publish"):
         return run_tool(args, path)
     try:
-        settings = load_checked(path)
+        settings = validate(path)
     except ConfigError as exc:
         print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
         for error in exc.errors:
@@ -75,10 +67,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "check":
         print(f"{path}: OK ({len(settings.sources)} sources: {', '.join(s.name for s in settings.sources)})")
+        for line in describe(settings, HANDLERS):
+            print(line)
+        warnings = [] if args.offline else anyio.run(broker_warnings, settings, HANDLERS, backend="asyncio")
+        if warnings:
+            print("warnings (idempotency records vs. how long a message can wait):")
+            for line in warnings:
+                print(line)
         return 0
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
     try:
-        return anyio.run(Daemon(settings, config_path=path, notifier=Notifier()).run, backend="asyncio")
+        daemon = Daemon(settings, config_path=path, notifier=Notifier(), exit_process=os._exit)
+        return anyio.run(daemon.run, backend="asyncio", backend_options=loop_options(settings.daemon.uvloop))
     except OSError as exc:
         print(f"billingd: cannot serve HTTP on {settings.http.listen}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FORCED

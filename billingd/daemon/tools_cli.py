@@ -10,9 +10,8 @@ import anyio
 import msgspec
 
 from billingd.config import ConfigError, load_config
-from billingd.sources.tools import queue_tools
-
-EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: the broker could not be reached or refused
+from billingd.daemon.exits import EXIT_CONFIG, EXIT_DATAERR, EXIT_UNAVAILABLE, EXIT_USAGE
+from billingd.sources import queue_tools
 
 
 def add_commands(commands: argparse._SubParsersAction, config_help: str) -> None:  # type: ignore[type-arg]
@@ -42,11 +41,11 @@ def run_tool(args: argparse.Namespace, path: str) -> int:
         source = settings.source(args.source)
     except ConfigError as exc:
         print(f"billingd: invalid configuration in {path}:", *exc.errors, sep="\n  ", file=sys.stderr)
-        return 78
+        return EXIT_CONFIG
     except KeyError:
         names = ", ".join(s.name for s in settings.sources)
         print(f"billingd: no source named {args.source!r} in {path} (sources: {names})", file=sys.stderr)
-        return 64
+        return EXIT_USAGE
     body = b""
     if args.command == "publish":
         body = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()  # noqa: SIM115
@@ -54,7 +53,7 @@ def run_tool(args: argparse.Namespace, path: str) -> int:
             msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             print(f"billingd: {args.file} is not JSON: {exc}", file=sys.stderr)
-            return 65
+            return EXIT_DATAERR
 
     async def main() -> int:
         async with queue_tools(source) as tools:

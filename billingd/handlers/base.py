@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import msgspec
 
 from billingd.clients import Clients
-from billingd.config.model import SourceSettings
+from billingd.config.model import RazorpaySettings, SourceSettings, StripeSettings
 from billingd.handlers.outcome import InvalidMessage, Outcome
+from billingd.telemetry import Metrics, SourceCounter
 
 T = TypeVar("T")
+
+#: Most characters of an identifier that becomes part of a Redis key (an account, bill, message,
+#: subject or idempotency key): real ones are under 100; a longer one is refused, not stored.
+MAX_ID_LENGTH = 512
+#: An identifier from a message: non-empty, at most `MAX_ID_LENGTH` characters.
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+#: An optional identifier (may be empty; absent is None).
+OptionalId = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
 
 
 class Message(Protocol):
@@ -40,7 +49,10 @@ class Handler(Protocol):
     """Applies one event family's billing effects. `downstreams` names the breakers it uses
     (`redis`, `stripe`, …): while one is open, its sources pause intake."""
 
-    downstreams: tuple[str, ...]
+    @property
+    def downstreams(self) -> tuple[str, ...]:
+        """Breaker names this handler's effects go through."""
+        ...
 
     async def handle(self, message: Message) -> Outcome:
         """Apply `message`'s effects exactly once and say how to settle it."""
@@ -52,12 +64,32 @@ class NoOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 @dataclass(frozen=True)
-class HandlerSpec:
-    """A handler by name: the schema of its `handler_options` and how to build it."""
+class HandlerContext:
+    """What a handler is built with, and all it may use: its source's settings, the downstream
+    clients (made on first use), the `[stripe]` and `[razorpay]` sections, and counters with its
+    `source` label bound (`counter`)."""
+
+    source: SourceSettings
+    clients: Clients
+    stripe: StripeSettings
+    razorpay: RazorpaySettings
+    metrics: Metrics
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> SourceCounter:
+        """Counter `name` with labels `source` + `labels` (values from a bounded set), the source bound."""
+        return SourceCounter(self.metrics.counter(name, documentation, ["source", *labels]), self.source.name)
+
+
+OptionsT = TypeVar("OptionsT", bound=msgspec.Struct)
+
+
+@dataclass(frozen=True)
+class HandlerSpec(Generic[OptionsT]):
+    """A handler by name: the schema of its `handler_options` (`OptionsT`) and how to build it."""
 
     name: str
-    options: type[msgspec.Struct]
-    build: Callable[[Clients, Any, SourceSettings], Handler]
+    options: type[OptionsT]
+    build: Callable[[HandlerContext, OptionsT], Handler]
     description: str = ""
 
 
@@ -73,8 +105,9 @@ class JsonDecoder(Generic[T]):
         """Decode `body`.
 
         Raises:
-            InvalidMessage: `malformed JSON: …`, or `invalid message: …` naming the schema
-                violation and where it is (`$.user.uid`).
+            InvalidMessage: `malformed JSON: …` (also text that is not UTF-8, or nesting deeper than
+                msgspec's recursion limit), or `invalid message: …` naming the schema violation
+                and where it is (`$.user.uid`).
         """
         try:
             return self._decoder.decode(body)
@@ -82,3 +115,7 @@ class JsonDecoder(Generic[T]):
             raise InvalidMessage(f"invalid message: {exc}") from None
         except msgspec.DecodeError as exc:
             raise InvalidMessage(f"malformed JSON: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise InvalidMessage(f"malformed JSON: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except RecursionError:
+            raise InvalidMessage("malformed JSON: nested too deeply") from None

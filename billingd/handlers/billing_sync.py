@@ -23,13 +23,11 @@ from functools import partial
 
 import msgspec
 
-from billingd.clients import Clients
 from billingd.clients.http import HttpForwarder
 from billingd.clients.ledger import OnceLedger
 from billingd.clients.ledger.sync import SyncLedger
 from billingd.config.durations import Duration
-from billingd.config.model import SourceSettings
-from billingd.handlers.base import HandlerSpec, JsonDecoder, Message
+from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message
 from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome
 
 CUSTOMER_UPDATE = "billing_customer_update"
@@ -92,7 +90,8 @@ class BillingSyncHandler:
         return ACK
 
 
-def _build(clients: Clients, options: SyncOptions, source: SourceSettings) -> BillingSyncHandler:
+def _build(ctx: HandlerContext, options: SyncOptions) -> BillingSyncHandler:
+    clients = ctx.clients
     ledger = SyncLedger(clients.redis, clients.guard("redis"), clients.batcher)
     return BillingSyncHandler(ledger, clients.once, clients.forwarder("marketplace", options.timeout), options)
 

@@ -9,31 +9,39 @@ Three gateways, in the envelopes of DESIGN §5 (amounts in integer minor units):
 * `manual` — `{stripe_invoice_id, reference, amount, currency}` from finance's bank transfers;
 * `zoho` — `{stripe_invoice_id, payment_id, amount, currency}`.
 
-For each: fetch the invoice; paid already (by someone else) → ack; not open → dead-letter; amount
-or currency not matching its `amount_remaining` → dead-letter with both figures, for finance;
-else pay it out of band (`invoices.pay(paid_out_of_band=True)`, `Idempotency-Key` from the
-gateway's payment id), then record the gateway and reference in the invoice metadata. Both steps
-run once (`OnceLedger`, keyed by the payment id), so a capture delivered three times — or retried
-after Stripe failed between the steps — pays the invoice exactly once.
+For each: fetch the invoice; not open → dead-letter; amount or currency not matching its
+`amount_remaining` → dead-letter with both figures, for finance; else pay it out of band
+(`invoices.pay(paid_out_of_band=True)`, `Idempotency-Key` from the gateway's payment id), then
+record the gateway and payment id in the invoice metadata. Both steps run once (`OnceLedger`,
+keyed by the payment id), so a capture delivered three times — or retried after Stripe failed
+between the steps — pays the invoice exactly once.
+
+An invoice already paid is either our own earlier payment (its metadata names this gateway and
+payment id: a replay, acked) or a **double collection**: the customer paid twice and finance must
+refund one. That is dead-lettered with both payments and the amount ("invoice X already paid by
+Y; razorpay payment Z of 1,500.00 INR needs a refund") and counted in
+`billingd_payments_double_collected_total{source,gateway}` — never acked silently.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import structlog
 
-from billingd.clients import Clients, DownstreamRejected
+from billingd.clients import DownstreamRejected
 from billingd.clients.ledger import OnceLedger
-from billingd.clients.razorpay import RazorpayVerifier
-from billingd.clients.stripe import StripeGateway
 from billingd.config.durations import Duration
-from billingd.config.model import SourceSettings
-from billingd.handlers.base import HandlerSpec, JsonDecoder, Message
+from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message
+from billingd.handlers.money import MAX_MINOR_UNITS
 from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome
-from billingd.handlers.stripe_objects import header
+from billingd.handlers.webhooks import header
+
+if TYPE_CHECKING:
+    from billingd.clients.razorpay import RazorpayVerifier
+    from billingd.clients.stripe import StripeGateway
 
 log = structlog.get_logger("billingd.payments")
 
@@ -42,6 +50,10 @@ class PaymentOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`handler_options` of `payment_events`."""
 
     dedup_ttl: Duration = Duration(15 * 86400)
+
+
+#: An amount in integer minor units (paise, cents), bounded before any effect (DESIGN §8).
+MinorUnits = Annotated[int, msgspec.Meta(ge=0, le=MAX_MINOR_UNITS)]
 
 
 class PaymentEnvelope(msgspec.Struct, frozen=True):
@@ -53,7 +65,7 @@ class PaymentEnvelope(msgspec.Struct, frozen=True):
     stripe_invoice_id: str | None = None
     reference: str | None = None
     payment_id: str | None = None
-    amount: int | None = None
+    amount: MinorUnits | None = None
     currency: str | None = None
 
 
@@ -61,7 +73,7 @@ class RazorpayPaymentEntity(msgspec.Struct, frozen=True):
     """`payload.payment.entity` of a Razorpay payment webhook."""
 
     id: str
-    amount: int
+    amount: MinorUnits
     currency: str
     notes: dict[str, Any] | list[Any] = msgspec.field(default_factory=dict)
 
@@ -82,7 +94,33 @@ class RazorpayEvent(msgspec.Struct, frozen=True):
 
 
 class _AlreadyPaid(Exception):
-    """Stripe refused to pay: the invoice was paid by another payment."""
+    """Stripe refused to pay an invoice that was open when we read it: paid meanwhile?"""
+
+    def __init__(self, rejection: DownstreamRejected) -> None:
+        super().__init__(str(rejection))
+        self.rejection = rejection
+
+
+#: Stripe's zero- and three-decimal currencies ("Supported currencies", special cases): the rest
+#: have two decimals.
+ZERO_DECIMAL = frozenset(
+    ["bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"]
+)
+THREE_DECIMAL = frozenset("bhd jod kwd omr tnd".split())  # noqa: SIM905
+
+
+def major_units(amount: int, currency: str) -> str:
+    """Minor units as a person reads them: 150000 inr → "1,500.00 INR", 500 jpy → "500 JPY"."""
+    code = currency.lower()
+    places = 0 if code in ZERO_DECIMAL else 3 if code in THREE_DECIMAL else 2
+    return f"{amount / 10**places:,.{places}f} {currency.upper()}" if amount < 10**15 else f"{amount} minor units"
+
+
+def paid_by(invoice: dict[str, Any]) -> tuple[str, str] | None:
+    """`(gateway, payment id)` of the payment billingd recorded on a paid invoice, if any."""
+    metadata = invoice.get("metadata") or {}
+    gateway, payment = metadata.get("billingd_gateway"), metadata.get("billingd_payment_id")
+    return (str(gateway), str(payment)) if gateway and payment else None
 
 
 class PaymentEventsHandler:
@@ -91,9 +129,15 @@ class PaymentEventsHandler:
     downstreams = ("redis", "stripe")
 
     def __init__(
-        self, once: OnceLedger, stripe_gateway: StripeGateway, razorpay: RazorpayVerifier, options: PaymentOptions
+        self,
+        once: OnceLedger,
+        stripe_gateway: StripeGateway,
+        razorpay: RazorpayVerifier,
+        options: PaymentOptions,
+        double_collected: Any,
     ) -> None:
         self._once = once
+        self._double_collected = double_collected
         self._stripe = stripe_gateway
         self._razorpay = razorpay
         self._options = options
@@ -147,28 +191,29 @@ class PaymentEventsHandler:
         if not await self._once.done(invoice_id, pay_step):
             invoice = await self._stripe.retrieve("invoices", invoice_id)
             status = invoice.get("status")
-            if status not in ("open", "paid"):
+            if status == "paid":
+                if paid_by(invoice) == (gateway, payment_id):
+                    return ACK  # our own earlier payment, replayed after its once-record expired
+                return self._double_collection(invoice, gateway, payment_id, amount, currency)
+            if status != "open":
                 return DeadLetter(
                     f"invoice {invoice_id} is {status}, not open: {gateway} payment {payment_id} "
-                    f"of {amount} {currency.upper()} needs finance"
+                    f"of {major_units(amount, currency)} needs finance"
                 )
             remaining, invoice_currency = invoice.get("amount_remaining"), str(invoice.get("currency", ""))
-            if status == "open" and (amount != remaining or currency.lower() != invoice_currency.lower()):
+            if amount != remaining or currency.lower() != invoice_currency.lower():
                 return DeadLetter(
                     f"amount mismatch: {gateway} payment {payment_id} is {amount} {currency.upper()}, "
                     f"invoice {invoice_id} has {remaining} {invoice_currency.upper()} remaining"
                 )
-            pay = partial(self._pay, invoice_id, f"billingd-pay-{gateway}-{payment_id}", status)
+            pay = partial(self._pay, invoice_id, f"billingd-pay-{gateway}-{payment_id}")
             try:
                 await self._once.run_once(invoice_id, pay_step, pay, lease=lease, ttl=ttl)
-            except _AlreadyPaid:
-                log.info(
-                    "invoice already paid by another payment",
-                    invoice=invoice_id,
-                    gateway=gateway,
-                    payment_id=payment_id,
-                )
-                return ACK
+            except _AlreadyPaid as refused:  # paid between our read and our payment: by whom?
+                invoice = await self._stripe.retrieve("invoices", invoice_id)
+                if invoice.get("status") != "paid":
+                    raise refused.rejection from None
+                return self._double_collection(invoice, gateway, payment_id, amount, currency)
         metadata = {"billingd_gateway": gateway, "billingd_payment_id": payment_id}
         note = partial(
             self._stripe.update_invoice_metadata, invoice_id, metadata, f"billingd-note-{gateway}-{payment_id}"
@@ -176,17 +221,35 @@ class PaymentEventsHandler:
         await self._once.run_once(invoice_id, note_step, note, lease=lease, ttl=ttl)
         return ACK
 
-    async def _pay(self, invoice_id: str, idempotency_key: str, status: str) -> None:
+    def _double_collection(
+        self, invoice: dict[str, Any], gateway: str, payment_id: str, amount: int, currency: str
+    ) -> Outcome:
+        earlier = paid_by(invoice)
+        by = f"{earlier[0]} payment {earlier[1]}" if earlier else "a payment billingd did not record"
+        self._double_collected.labels(gateway).inc()
+        log.warning("double collection", invoice=invoice.get("id"), gateway=gateway, payment_id=payment_id, paid_by=by)
+        return DeadLetter(
+            f"invoice {invoice.get('id')} already paid by {by}; {gateway} payment {payment_id} of "
+            f"{major_units(amount, currency)} needs a refund"
+        )
+
+    async def _pay(self, invoice_id: str, idempotency_key: str) -> None:
         try:
             await self._stripe.pay_invoice_out_of_band(invoice_id, idempotency_key)
-        except DownstreamRejected:
-            if status == "paid":  # and not a replay of our own earlier payment (that would have succeeded)
-                raise _AlreadyPaid from None
-            raise
+        except DownstreamRejected as exc:
+            raise _AlreadyPaid(exc) from None
 
 
-def _build(clients: Clients, options: PaymentOptions, source: SourceSettings) -> PaymentEventsHandler:
-    return PaymentEventsHandler(clients.once, clients.stripe, RazorpayVerifier(clients.settings.razorpay), options)
+def _build(ctx: HandlerContext, options: PaymentOptions) -> PaymentEventsHandler:
+    double_collected = ctx.counter(
+        "billingd_payments_double_collected",
+        "Payments for invoices another payment had already settled (dead-lettered for a refund).",
+        ["gateway"],
+    )
+    from billingd.clients.razorpay import RazorpayVerifier  # the razorpay SDK, only when used
+
+    verifier = RazorpayVerifier(ctx.razorpay)
+    return PaymentEventsHandler(ctx.clients.once, ctx.clients.stripe, verifier, options, double_collected)
 
 
 SPEC = HandlerSpec(

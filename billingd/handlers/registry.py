@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
-from billingd.clients import Clients
-from billingd.config import Settings, SourceSettings, check_value, convert
+from billingd.config import Settings, check_value, convert
 from billingd.handlers import (
     billing_sync,
     payment_events,
@@ -16,10 +16,10 @@ from billingd.handlers import (
     usage,
     webhook_forward,
 )
-from billingd.handlers.base import Handler, HandlerSpec
+from billingd.handlers.base import Handler, HandlerContext, HandlerSpec
 
 #: Every handler billingd ships, by name.
-HANDLERS: Mapping[str, HandlerSpec] = MappingProxyType(
+HANDLERS: Mapping[str, HandlerSpec[Any]] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
@@ -35,7 +35,7 @@ HANDLERS: Mapping[str, HandlerSpec] = MappingProxyType(
 )
 
 
-def handler_errors(settings: Settings, handlers: Mapping[str, HandlerSpec] = HANDLERS) -> list[str]:
+def handler_errors(settings: Settings, handlers: Mapping[str, HandlerSpec[Any]] = HANDLERS) -> list[str]:
     """Config errors about handlers: unknown names and invalid `handler_options`, with paths."""
     errors: list[str] = []
     for i, source in enumerate(settings.sources):
@@ -48,11 +48,11 @@ def handler_errors(settings: Settings, handlers: Mapping[str, HandlerSpec] = HAN
     return errors
 
 
-def build_handler(source: SourceSettings, clients: Clients, handlers: Mapping[str, HandlerSpec] = HANDLERS) -> Handler:
-    """Build the handler of `source` with its validated options.
+def build_handler(context: HandlerContext, handlers: Mapping[str, HandlerSpec[Any]] = HANDLERS) -> Handler:
+    """Build the handler of `context.source` with its validated options.
 
     Raises:
         KeyError: unknown handler (`handler_errors` reports it before the daemon starts).
     """
-    spec = handlers[source.handler]
-    return spec.build(clients, convert(source.handler_options, spec.options), source)
+    spec = handlers[context.source.handler]
+    return spec.build(context, convert(context.source.handler_options, spec.options))

@@ -23,33 +23,33 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import stripe
 
-from billingd.clients import Clients
 from billingd.clients.ledger import OnceLedger
+from billingd.clients.ledger.base import LEDGER_MAX
 from billingd.clients.ledger.periods import period_containing
 from billingd.clients.ledger.subscriptions import Grant, SubscriptionLedger
-from billingd.clients.stripe import StripeGateway
 from billingd.config.durations import Duration
-from billingd.config.model import SourceSettings, StripeSettings
-from billingd.handlers.base import HandlerSpec, JsonDecoder, Message
+from billingd.config.model import StripeSettings
+from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message
 from billingd.handlers.outcome import ACK, InvalidMessage, Outcome
 from billingd.handlers.stripe_objects import (
     ACTIVE_STATUSES,
     ENTITLEMENT_PREFIX,
-    Envelope,
     StripeEvent,
     customer_of,
-    header,
     parse_entitlement,
     renewal_period,
     subject_in,
     subscription_period,
     subscription_products,
 )
+from billingd.handlers.webhooks import Envelope, verify_relayed
+
+if TYPE_CHECKING:
+    from billingd.clients.stripe import StripeGateway
 
 
 class StripeEventsOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -116,16 +116,7 @@ class StripeEventsHandler:
         """
         envelope = self._envelope.decode(body)
         if envelope.headers is not None and envelope.body is not None:
-            if not self._secret:
-                raise InvalidMessage("cannot verify a relayed Stripe webhook: [stripe].webhook_secret is not set")
-            try:
-                stripe.Webhook.construct_event(
-                    envelope.body, header(envelope.headers, "Stripe-Signature"), self._secret, self._tolerance
-                )
-            except stripe.SignatureVerificationError as exc:
-                raise InvalidMessage(f"Stripe-Signature verification failed: {exc.user_message or exc}") from None
-            except ValueError as exc:
-                raise InvalidMessage(f"relayed Stripe webhook body is not an event: {exc}") from None
+            verify_relayed(envelope, self._secret, self._tolerance)
             return self._event.decode(envelope.body.encode())
         if envelope.detail:
             return self._event.decode(bytes(envelope.detail))
@@ -154,8 +145,14 @@ class StripeEventsHandler:
                 key = name[len(ENTITLEMENT_PREFIX) :]
                 limit, period, tracked = parse_entitlement(product_id, key, value, interval)
                 limit = None if limit is None else limit * quantity
-                if key in grants and grants[key].limit is not None and limit is not None:
-                    limit += grants[key].limit  # the same entitlement from two items adds up
+                earlier = grants.get(key)
+                if earlier is not None and earlier.limit is not None and limit is not None:
+                    limit += earlier.limit  # the same entitlement from two items adds up
+                if limit is not None and limit > LEDGER_MAX:
+                    raise InvalidMessage(
+                        f"subscription {subscription.get('id')}: entitlement {key} limit of {limit} micro-units "
+                        f"(quantity {quantity}) is above the ledger limit of {LEDGER_MAX}"
+                    )
                 period_start, period_end = (
                     (start, end) if period == interval else period_containing(period, start, max(now, start))
                 )
@@ -238,28 +235,10 @@ class StripeEventsHandler:
         return metadata
 
 
-def _build(clients: Clients, options: StripeEventsOptions, source: SourceSettings) -> StripeEventsHandler:
-    ignored = clients.counter(
-        "billingd_stripe_events_ignored", "Stripe events acked without effect, by type.", ["source", "type"]
-    )
-    return StripeEventsHandler(
-        clients.subscription_ledger,
-        clients.once,
-        clients.stripe,
-        clients.settings.stripe,
-        options,
-        _Bound(ignored, source.name),
-    )
-
-
-class _Bound:
-    """A counter with its `source` label bound."""
-
-    def __init__(self, counter: Any, source: str) -> None:
-        self._counter, self._source = counter, source
-
-    def labels(self, kind: str) -> Any:
-        return self._counter.labels(self._source, kind)
+def _build(ctx: HandlerContext, options: StripeEventsOptions) -> StripeEventsHandler:
+    ignored = ctx.counter("billingd_stripe_events_ignored", "Stripe events acked without effect, by type.", ["type"])
+    clients = ctx.clients
+    return StripeEventsHandler(clients.subscription_ledger, clients.once, clients.stripe, ctx.stripe, options, ignored)
 
 
 SPEC = HandlerSpec("stripe_events", StripeEventsOptions, _build, "Stripe events → entitlements, features (seed 004)")

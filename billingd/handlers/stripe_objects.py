@@ -1,5 +1,5 @@
-"""Reading the Stripe objects billingd acts on: events in their three envelopes, subscriptions,
-product entitlement metadata. Pure functions; the handler does the I/O."""
+"""Reading the Stripe objects billingd acts on: events, subscriptions, product entitlement
+metadata. Pure functions; the handler does the I/O. (Envelopes: `billingd.handlers.webhooks`.)"""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from billingd.handlers.money import to_micros
 from billingd.handlers.outcome import InvalidMessage
 
 #: Product metadata key prefix: `billingd.entitlement.<KEY>` = `"<limit>/<period>"`, `"unlimited"`
@@ -33,21 +34,6 @@ class StripeEvent(msgspec.Struct, frozen=True):
     data: EventData
 
 
-class Envelope(msgspec.Struct, frozen=True):
-    """Any of the accepted shapes: a bare event, an EventBridge envelope (`detail`), or a relayed
-    webhook (`headers` + raw `body`, optionally with `gateway = "stripe"`)."""
-
-    detail: msgspec.Raw = msgspec.Raw(b"")  # msgspec cannot decode `Raw | None`: empty means absent
-    headers: dict[str, str] | None = None
-    body: str | None = None
-
-
-def header(headers: dict[str, str], name: str) -> str | None:
-    """A header by case-insensitive name."""
-    wanted = name.lower()
-    return next((v for k, v in headers.items() if k.lower() == wanted), None)
-
-
 def parse_entitlement(product_id: str, name: str, value: str, interval: str) -> tuple[int | None, str, bool]:
     """`(limit in micro-units or None, period, tracked)` from one metadata value.
 
@@ -65,10 +51,8 @@ def parse_entitlement(product_id: str, name: str, value: str, interval: str) -> 
             f"product {product_id} metadata {ENTITLEMENT_PREFIX}{name} = {value!r}: expected "
             f'"<limit>/<period>" (period day, week, month or year), "unlimited" or "access"'
         )
-    limit = Decimal(match.group(1)).scaleb(6)
-    if limit != limit.to_integral_value():
-        raise InvalidMessage(f"product {product_id} metadata {ENTITLEMENT_PREFIX}{name}: limit finer than 1e-6")
-    return int(limit), match.group(2), True
+    limit = to_micros(Decimal(match.group(1)), f"product {product_id} metadata {ENTITLEMENT_PREFIX}{name} limit")
+    return limit, match.group(2), True
 
 
 def subscription_period(subscription: dict[str, Any]) -> tuple[int, int, str]:
@@ -90,10 +74,13 @@ def subscription_products(subscription: dict[str, Any]) -> list[tuple[str, int, 
     result = []
     for item in (subscription.get("items") or {}).get("data") or []:
         product = (item.get("price") or item.get("plan") or {}).get("product")
+        quantity = item.get("quantity") or 1
+        if not isinstance(quantity, int) or isinstance(quantity, bool) or not 0 <= quantity <= 10**9:
+            raise InvalidMessage(f"subscription {subscription.get('id')}: item quantity {str(quantity)[:40]!r}")
         if isinstance(product, dict):
-            result.append((product["id"], int(item.get("quantity") or 1), product.get("metadata") or {}))
+            result.append((str(product["id"]), quantity, product.get("metadata") or {}))
         elif isinstance(product, str):
-            result.append((product, int(item.get("quantity") or 1), None))
+            result.append((product, quantity, None))
     return result
 
 

@@ -7,8 +7,10 @@ Two message shapes:
 * seed 004 — `{event_type, workspace_id, value, idempotency_key, stripe_customer_id?}`: count
   the usage.
 
-Either way, an event type (seed 001: the entitlement key) mapped in `[stripe].meters` is also
-reported to Stripe as a meter event. The idempotency key is the message's own field, else the
+Either way, an event type (seed 001: the entitlement key) mapped in `[stripe].meters` (matched
+case-insensitively, see `billingd.handlers.meters`) is also reported to Stripe as a meter event;
+an unmapped one is counted in Redis and in `billingd_usage_unmetered_total`, or dead-lettered
+(`handler_options.unmapped = "dead_letter"`). The idempotency key is the message's own field, else the
 SQS message id. The Redis step is atomic and recorded; a retry after it redoes only the Stripe
 step, which runs once across workers (`OnceLedger`: two copies of one event delivered at the
 same time do not both call Stripe) with `identifier` = the idempotency key and an
@@ -27,42 +29,49 @@ from __future__ import annotations
 import time
 from decimal import Decimal
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
-from billingd.clients import Clients
 from billingd.clients.ledger import Applied, OnceLedger, UsageLedger
-from billingd.clients.stripe import StripeGateway
+from billingd.clients.ledger.base import LEDGER_MAX
 from billingd.config.durations import Duration
-from billingd.config.model import SourceSettings
-from billingd.handlers.base import HandlerSpec, JsonDecoder, Message
+from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message, OptionalId
+from billingd.handlers.meters import MeterMap
 from billingd.handlers.money import to_micros
 from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
+
+if TYPE_CHECKING:
+    from billingd.clients.stripe import StripeGateway
 
 
 class UsageOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """`handler_options` of `usage`."""
 
-    value_scale: dict[str, int] = msgspec.field(default_factory=dict)
-    """Event type → factor applied before reporting to Stripe (Stripe takes whole numbers)."""
+    value_scale: dict[str, Annotated[int, msgspec.Meta(ge=1, le=10**6)]] = msgspec.field(default_factory=dict)
+    """Event type → factor applied before reporting to Stripe (Stripe takes whole numbers). It
+    changes what Stripe bills: the meter then counts in that smaller unit."""
     dedup_ttl: Duration = Duration(15 * 86400)
-    """How long an event's idempotency record is kept (≥ the queue's retention period)."""
+    """How long an event's idempotency record is kept: at least the longest a message can wait
+    (queue retention + DLQ retention; `billingd check` compares them)."""
+    unmapped: Literal["count", "dead_letter"] = "count"
+    """An event type without a Stripe meter: counted in Redis and in
+    `billingd_usage_unmetered_total` (`count`), or dead-lettered unapplied (`dead_letter`)."""
 
 
 class UsageEvent(msgspec.Struct, frozen=True):
     """Both seed shapes; unknown fields are ignored (producers may add some)."""
 
-    userId: str | None = None  # the seed's own field names
-    entitlementKey: str | None = None
+    userId: OptionalId | None = None  # the seed's own field names
+    entitlementKey: OptionalId | None = None
     amount: Decimal | None = None
-    idempotencyKey: str | None = None
+    idempotencyKey: OptionalId | None = None
     metadata: dict[str, Any] | None = None
-    event_type: str | None = None
-    workspace_id: str | None = None
+    event_type: OptionalId | None = None
+    workspace_id: OptionalId | None = None
     value: Decimal | None = None
-    idempotency_key: str | None = None
-    stripe_customer_id: str | None = None
+    idempotency_key: OptionalId | None = None
+    stripe_customer_id: OptionalId | None = None
     timestamp: int | None = None
 
 
@@ -74,7 +83,7 @@ class UsageHandler:
         ledger: UsageLedger,
         once: OnceLedger,
         stripe: StripeGateway | None,
-        meters: dict[str, str],
+        meters: MeterMap,
         options: UsageOptions,
     ) -> None:
         self._ledger = ledger
@@ -107,7 +116,14 @@ class UsageHandler:
                 "or event_type and workspace_id (seed 004)"
             )
         micros = to_micros(quantity, field)
-        meter = self._meters.get(name)
+        meter = self._meters.meter(name)
+        if meter is None:
+            if self._options.unmapped == "dead_letter":
+                return DeadLetter(
+                    f"event type {name!r} has no Stripe meter in [stripe].meters (matched case-insensitively): "
+                    'not applied; map it, or set handler_options.unmapped = "count"'
+                )
+            self._meters.unmetered(name)
         metered_value = self._meter_value(name, quantity) if meter else 0
         result = await self._ledger.apply(
             subject, name, micros, key, consume=consume, now=int(time.time()), dedup_ttl=int(self._options.dedup_ttl)
@@ -118,6 +134,11 @@ class UsageHandler:
             return DeadLetter(f"entitlement {name} of {subject} is inactive")
         if result.status is Applied.UNTRACKED:
             return DeadLetter(f"entitlement {name} of {subject} does not track usage")
+        if result.status is Applied.OVERFLOW:
+            return DeadLetter(
+                f"usage {quantity} of {name} for {subject} would take its counter past the ledger limit "
+                f"({_units(LEDGER_MAX)} units): check the producer"
+            )
         if result.status is Applied.OVER_LIMIT:
             return DeadLetter(
                 f"over the limit of {name} for {subject}: {_units(result.used)} used + {quantity} "
@@ -141,7 +162,7 @@ class UsageHandler:
         return ACK
 
     def _meter_value(self, name: str, quantity: Decimal) -> int:
-        scale = self._options.value_scale.get(name, 1)
+        scale = self._meters.scale(name)
         scaled = quantity * scale
         if scaled != scaled.to_integral_value():
             raise InvalidMessage(
@@ -162,8 +183,14 @@ def _units(micros: int) -> str:
     return format(Decimal(micros).scaleb(-6).normalize(), "f")
 
 
-def _build(clients: Clients, options: UsageOptions, source: SourceSettings) -> UsageHandler:
-    meters = dict(clients.settings.stripe.meters)
+def _build(ctx: HandlerContext, options: UsageOptions) -> UsageHandler:
+    unmetered = ctx.counter(
+        "billingd_usage_unmetered",
+        "Usage events of a type without a Stripe meter: counted in Redis, never billed.",
+        ["event_type"],
+    )
+    meters = MeterMap(ctx.stripe.meters, options.value_scale, unmetered)
+    clients = ctx.clients
     return UsageHandler(clients.usage_ledger, clients.once, clients.stripe if meters else None, meters, options)
 
 

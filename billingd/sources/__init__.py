@@ -12,6 +12,18 @@ from billingd.sources.base import (
     SourceMisconfigured,
     SourceUnavailable,
 )
+from billingd.sources.tools import QueueTools
+
+
+def queue_tools(settings: AnySource) -> QueueTools:
+    """The operator tools (`billingd dlq`, `billingd publish`) for `settings`' transport."""
+    if isinstance(settings, AmqpSourceSettings):
+        from billingd.sources.amqp_tools import AmqpTools
+
+        return AmqpTools(settings)
+    from billingd.sources.sqs_tools import SqsTools
+
+    return SqsTools(settings)
 
 
 def make_source(settings: AnySource, events: SourceEvents) -> Source:
@@ -34,4 +46,5 @@ __all__ = [
     "SourceMisconfigured",
     "SourceUnavailable",
     "make_source",
+    "queue_tools",
 ]

@@ -8,9 +8,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from billingd.config.model import AmqpSourceSettings
-from billingd.sources.amqp import persistent_copy
+from billingd.sources.amqp_wire import persistent_copy
 from billingd.sources.codecs import encode_body
-from billingd.sources.tools import AMQP_ANNOTATIONS, Letter
+from billingd.sources.letters import Letter, read_amqp, replay_amqp_headers
 
 
 class AmqpTools:
@@ -43,19 +43,11 @@ class AmqpTools:
     async def sample(self, limit: int) -> list[Letter]:
         assert self._connection is not None
         channel = await self._connection.channel()  # closing it returns every unacked letter
-        letters = []
+        letters: list[Letter] = []
         try:
             queue = await channel.declare_queue(self._dlq, passive=True)
             while len(letters) < limit and (message := await queue.get(no_ack=False, fail=False)) is not None:
-                headers = message.headers or {}
-                letters.append(
-                    Letter(
-                        message.message_id or "",
-                        str(headers.get("x-billingd-reason", "")),
-                        str(headers.get("x-billingd-attempts", "")),
-                        message.body,
-                    )
-                )
+                letters.append(read_amqp(message.message_id, message.headers or {}, message.body))
         finally:
             await channel.close()
         return letters
@@ -66,7 +58,7 @@ class AmqpTools:
         queue = await self._channel.declare_queue(self._dlq, passive=True)
         moved = 0
         while moved < budget and (message := await queue.get(no_ack=False, fail=False)) is not None:
-            headers = {k: v for k, v in (message.headers or {}).items() if k not in AMQP_ANNOTATIONS}
+            headers = replay_amqp_headers(message.headers or {})
             copy = persistent_copy(message.body, message.properties, headers)
             await self._channel.default_exchange.publish(copy, routing_key=self._settings.queue)
             await message.ack()  # only once the copy is confirmed

@@ -21,6 +21,9 @@
 * FIFO queues (`.fifo`): deliveries carry `MessageGroupId` as their partition key and the
   source is *ordered*, so the actor keeps each group in order.
 * The `content_encoding` message attribute is decoded before the handler (seed 000).
+* A message carrying an `original_message_id` attribute (a dead letter replayed by `billingd dlq
+  replay`) keeps that id: an idempotency key that falls back to the message id stays the same
+  however often a letter is dead-lettered and replayed.
 """
 
 from __future__ import annotations
@@ -32,14 +35,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aioboto3
-import aiohttp
 import anyio
 import structlog
 from aiobotocore.config import AioConfig
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError
 
-from billingd.config.model import SqsSourceSettings
+from billingd.config.model import SQS_MAX_BATCH, SQS_MAX_VISIBILITY, SqsSourceSettings
 from billingd.sources.base import (
     DEPTH_INTERVAL,
     Delivery,
@@ -50,16 +51,18 @@ from billingd.sources.base import (
     SourceUnavailable,
 )
 from billingd.sources.codecs import UndecodableBody, decode_body
+from billingd.sources.sqs_calls import SqsCalls
+from billingd.sources.sqs_client import sqs_client
+from billingd.sources.sqs_wire import TRANSIENT as _TRANSIENT
+from billingd.sources.sqs_wire import read_attributes, receive_count
 
 log = structlog.get_logger("billingd.sources.sqs")
 
-MAX_BATCH = 10
-MAX_VISIBILITY = 43_200
+MAX_BATCH = SQS_MAX_BATCH
+MAX_VISIBILITY = SQS_MAX_VISIBILITY
 RECEIVE_LEASE = 3  # seconds: the visibility a message is received with, before the heartbeat extends it
-MAX_ATTRIBUTES = 10  # SQS limit per message
 UNCOUNTED_MEMORY = 100_000
 _MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
-_TRANSIENT = (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)
 
 
 @dataclass(slots=True, eq=False)
@@ -81,8 +84,8 @@ class SqsSource:
     def __init__(self, settings: SqsSourceSettings, events: SourceEvents) -> None:
         self.name = settings.name
         self.receivers = max(1, math.ceil(settings.prefetch / MAX_BATCH))
-        self.settle_linger = settings.ack_flush
-        self.ordered = settings.queue_url.endswith(".fifo")
+        self.settle_linger = float(settings.ack_flush)
+        self.ordered = settings.fifo
         self.partition_default = "MessageGroupId" if self.ordered else None
         self._settings = settings
         self._events = events
@@ -94,6 +97,7 @@ class SqsSource:
         self._uncounted: OrderedDict[str, int] = OrderedDict()
         self._resumed = anyio.Event()
         self._resumed.set()
+        self._calls = SqsCalls(settings, self._call)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -112,11 +116,7 @@ class SqsSource:
             max_pool_connections=self.receivers + 8,
         )
         try:
-            self._client = await self._stack.enter_async_context(
-                aioboto3.Session().client(
-                    "sqs", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config
-                )
-            )
+            self._client = await self._stack.enter_async_context(sqs_client(s, config))
             attributes = (await self._call("GetQueueAttributes", QueueUrl=s.queue_url, AttributeNames=["All"]))[
                 "Attributes"
             ]
@@ -153,7 +153,7 @@ class SqsSource:
             held, self._held = list(self._held.values()), {}
             if held and self._client is not None:
                 for start in range(0, len(held), MAX_BATCH):
-                    await self._change_visibility([(h.message, 0) for h in held[start : start + MAX_BATCH]])
+                    await self._calls.change_visibility([(h.message, 0) for h in held[start : start + MAX_BATCH]])
                 log.info("released messages still held", source=self.name, count=len(held))
             await self._stack.aclose()
         self._client = None
@@ -161,7 +161,8 @@ class SqsSource:
     async def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         self._events.broker_request(operation)
         method = getattr(self._client, _snake(operation))
-        return await method(**kwargs)
+        response: dict[str, Any] = await method(**kwargs)
+        return response
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -194,20 +195,28 @@ class SqsSource:
 
     def _delivery(self, message: dict[str, Any], deadline: float) -> Delivery:
         self._held[message["ReceiptHandle"]] = _Held(message, deadline, self._lease)
-        attributes = {
-            name: value.get("StringValue", value.get("BinaryValue"))
-            for name, value in message.get("MessageAttributes", {}).items()
-        }
-        system = message.get("Attributes", {})
-        message_id = message["MessageId"]
-        attempt = max(1, int(system.get("ApproximateReceiveCount", 1)) - self._uncounted.get(message_id, 0))
-        raw = message["Body"].encode()
-        body, error = raw, None
+        message_id = str(message.get("MessageId") or message["ReceiptHandle"][:64])
         try:
-            body = decode_body(raw, attributes.get("content_encoding"), text_transport=True)
-        except UndecodableBody as exc:
-            error = str(exc)
-        return Delivery(body, message_id, attempt, attributes, message, system.get("MessageGroupId"), error)
+            attributes = read_attributes(message.get("MessageAttributes"))
+            original = attributes.get("original_message_id")  # a dead letter replayed: keep its first id
+            if isinstance(original, str) and 0 < len(original) <= 512:
+                message_id = original
+            system = message.get("Attributes") or {}
+            received = receive_count(system.get("ApproximateReceiveCount"))
+            attempt = max(1, received - self._uncounted.get(message_id, 0))
+            raw = str(message.get("Body", "")).encode("utf-8", "surrogatepass")
+            body, error = raw, None
+            encoding = attributes.get("content_encoding")
+            try:
+                if encoding is not None and not isinstance(encoding, str):
+                    raise UndecodableBody("the content_encoding attribute must be of DataType String, not Binary")
+                body = decode_body(raw, encoding, text_transport=True)
+            except UndecodableBody as exc:
+                error = str(exc)
+            group = system.get("MessageGroupId")
+            return Delivery(body, message_id, attempt, attributes, message, group, error)
+        except Exception as exc:  # noqa: BLE001 — an unreadable message is its own dead letter, never a crash
+            return Delivery(b"", message_id, 1, {}, message, None, f"unreadable SQS message: {exc!r}"[:500])
 
     async def stop_intake(self) -> list[Delivery]:
         """Stop polling (a long poll in progress is cancelled by the actor). Nothing is buffered."""
@@ -238,7 +247,7 @@ class SqsSource:
             due = [h for h in self._held.values() if h.deadline - now < h.lease / 2]
             for start in range(0, len(due), MAX_BATCH):
                 chunk = due[start : start + MAX_BATCH]
-                extended = await self._change_visibility([(h.message, self._visibility) for h in chunk])
+                extended = await self._calls.change_visibility([(h.message, self._visibility) for h in chunk])
                 for held in chunk:
                     if held.message["ReceiptHandle"] in extended:
                         held.deadline, held.lease = now + self._visibility, self._visibility
@@ -273,9 +282,9 @@ class SqsSource:
                     self._remember_uncounted(s.delivery.message_id)
         if dead:
             if self._settings.dead_letter_queue_url:
-                sent = await self._send_dead_letters(dead)
-                for s in dead:
-                    if s.delivery.message_id in sent:
+                sent = await self._calls.send_dead_letters(dead)
+                for i, s in enumerate(dead):
+                    if i in sent:
                         deletes.append(s.delivery.handle)
                     else:  # the DLQ refused it: try again after the retry delay
                         visibility.append((s.delivery.handle, math.ceil(self._settings.retry_initial)))
@@ -288,129 +297,15 @@ class SqsSource:
                     )
                     visibility.append((s.delivery.handle, 0))
         for start in range(0, len(deletes), MAX_BATCH):
-            await self._delete(deletes[start : start + MAX_BATCH])
+            await self._calls.delete(deletes[start : start + MAX_BATCH])
         for start in range(0, len(visibility), MAX_BATCH):
-            await self._change_visibility(visibility[start : start + MAX_BATCH])
+            await self._calls.change_visibility(visibility[start : start + MAX_BATCH])
 
     def _remember_uncounted(self, message_id: str) -> None:
         self._uncounted[message_id] = self._uncounted.get(message_id, 0) + 1
         self._uncounted.move_to_end(message_id)
         while len(self._uncounted) > UNCOUNTED_MEMORY:
             self._uncounted.popitem(last=False)
-
-    async def _delete(self, messages: list[dict[str, Any]]) -> None:
-        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
-        failed = await self._batch("DeleteMessageBatch", entries)
-        for entry in failed:
-            await self._single("DeleteMessage", ReceiptHandle=entry["ReceiptHandle"])
-
-    async def _change_visibility(self, changes: list[tuple[dict[str, Any], int]]) -> set[str]:
-        """Change visibilities; returns the receipt handles changed."""
-        entries = [
-            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": seconds}
-            for i, (m, seconds) in enumerate(changes)
-        ]
-        failed = await self._batch("ChangeMessageVisibilityBatch", entries)
-        done = {e["ReceiptHandle"] for e in entries} - {e["ReceiptHandle"] for e in failed}
-        for entry in failed:
-            if await self._single(
-                "ChangeMessageVisibility",
-                ReceiptHandle=entry["ReceiptHandle"],
-                VisibilityTimeout=entry["VisibilityTimeout"],
-            ):
-                done.add(entry["ReceiptHandle"])
-        return done
-
-    async def _batch(self, operation: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Run a batch call; return the entries to retry one by one (transient failures)."""
-        if not entries:
-            return []
-        try:
-            response = await self._call(operation, QueueUrl=self._settings.queue_url, Entries=entries)
-        except (ClientError, *_TRANSIENT) as exc:
-            log.warning(
-                "sqs batch call failed; retrying entries one by one",
-                source=self.name,
-                operation=operation,
-                error=str(exc),
-            )
-            return entries
-        by_id = {e["Id"]: e for e in entries}
-        retry = []
-        for failure in response.get("Failed", []):
-            if failure.get("SenderFault"):  # e.g. an expired receipt: the message comes back anyway
-                log.info(
-                    "sqs entry refused",
-                    source=self.name,
-                    operation=operation,
-                    code=failure.get("Code"),
-                    error=failure.get("Message"),
-                )
-            else:
-                retry.append(by_id[failure["Id"]])
-        return retry
-
-    async def _single(self, operation: str, **kwargs: Any) -> bool:
-        try:
-            await self._call(operation, QueueUrl=self._settings.queue_url, **kwargs)
-        except (ClientError, *_TRANSIENT) as exc:
-            log.warning(
-                "sqs call failed; the message will be redelivered",
-                source=self.name,
-                operation=operation,
-                error=str(exc),
-            )
-            return False
-        return True
-
-    async def _send_dead_letters(self, dead: list[Settlement]) -> set[str]:
-        """Send to the DLQ; returns the message ids the DLQ accepted."""
-        s = self._settings
-        fifo = s.dead_letter_queue_url.endswith(".fifo")
-        entries = []
-        for i, settlement in enumerate(dead):
-            message = settlement.delivery.handle
-            ours = {
-                "reason": _string(settlement.reason[:1000] or "dead-lettered"),
-                "handler": _string(s.handler),
-                "attempts": {"DataType": "Number", "StringValue": str(settlement.delivery.attempt)},
-                "original_message_id": _string(settlement.delivery.message_id),
-                "source": _string(self.name),
-            }
-            theirs = {k: v for k, v in message.get("MessageAttributes", {}).items() if k not in ours}
-            keep = dict(
-                sorted(theirs.items(), key=lambda kv: kv[0] != "content_encoding")[: MAX_ATTRIBUTES - len(ours)]
-            )
-            entry: dict[str, Any] = {
-                "Id": str(i),
-                "MessageBody": message["Body"],
-                "MessageAttributes": {**keep, **ours},
-            }
-            if fifo:
-                entry["MessageGroupId"] = settlement.delivery.partition_key or self.name
-                entry["MessageDeduplicationId"] = settlement.delivery.message_id
-            entries.append(entry)
-        try:
-            response = await self._call("SendMessageBatch", QueueUrl=s.dead_letter_queue_url, Entries=entries)
-        except (ClientError, *_TRANSIENT) as exc:
-            log.error("sending dead letters failed; they will be retried", source=self.name, error=str(exc))
-            return set()
-        ok = {
-            entries[int(r["Id"])]["MessageAttributes"]["original_message_id"]["StringValue"]
-            for r in response.get("Successful", [])
-        }
-        for failure in response.get("Failed", []):
-            log.error(
-                "dead letter refused by the DLQ",
-                source=self.name,
-                code=failure.get("Code"),
-                error=failure.get("Message"),
-            )
-        return ok
-
-
-def _string(value: str) -> dict[str, str]:
-    return {"DataType": "String", "StringValue": value}
 
 
 def _snake(operation: str) -> str:

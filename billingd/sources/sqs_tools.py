@@ -6,11 +6,10 @@ import contextlib
 import uuid
 from typing import Any
 
-import aioboto3
-
 from billingd.config.model import SqsSourceSettings
 from billingd.sources.codecs import encode_body
-from billingd.sources.tools import SQS_ANNOTATIONS, Letter
+from billingd.sources.letters import Letter, read_sqs, replay_sqs_attributes
+from billingd.sources.sqs_client import sqs_client
 
 
 class SqsTools:
@@ -23,9 +22,7 @@ class SqsTools:
 
     async def __aenter__(self) -> SqsTools:
         s = self._settings
-        self._client = await self._stack.enter_async_context(
-            aioboto3.Session().client("sqs", region_name=s.region, endpoint_url=s.endpoint_url or None)
-        )
+        self._client = await self._stack.enter_async_context(sqs_client(s))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -55,7 +52,8 @@ class SqsTools:
             MessageAttributeNames=["All"],
             MessageSystemAttributeNames=["MessageGroupId"],
         )
-        return response.get("Messages", [])
+        messages: list[dict[str, Any]] = response.get("Messages", [])
+        return messages
 
     async def sample(self, limit: int) -> list[Letter]:
         seen: list[dict[str, Any]] = []
@@ -67,28 +65,18 @@ class SqsTools:
                 for i, m in enumerate(seen[start : start + 10])
             ]
             await self._client.change_message_visibility_batch(QueueUrl=self._dlq, Entries=entries)
-        return [
-            Letter(
-                m["MessageAttributes"].get("original_message_id", {}).get("StringValue", m["MessageId"]),
-                m["MessageAttributes"].get("reason", {}).get("StringValue", ""),
-                m["MessageAttributes"].get("attempts", {}).get("StringValue", ""),
-                m["Body"].encode(),
-            )
-            for m in seen
-        ]
+        return [read_sqs(m) for m in seen]
 
     async def replay(self, limit: int | None) -> int:
         s = self._settings
         budget = await self.dead_letter_count() if limit is None else limit
-        fifo = s.queue_url.endswith(".fifo")
+        fifo = s.fifo
         moved = 0
         while moved < budget and (batch := await self._receive(budget - moved, 60)):
             entries = []
             for i, m in enumerate(batch):
-                attributes = {k: v for k, v in m.get("MessageAttributes", {}).items() if k not in SQS_ANNOTATIONS}
-                entry: dict[str, Any] = {"Id": str(i), "MessageBody": m["Body"]}
-                if attributes:
-                    entry["MessageAttributes"] = attributes
+                attributes = replay_sqs_attributes(m)
+                entry: dict[str, Any] = {"Id": str(i), "MessageBody": m["Body"], "MessageAttributes": attributes}
                 if fifo:
                     entry["MessageGroupId"] = m.get("Attributes", {}).get("MessageGroupId") or s.name
                     entry["MessageDeduplicationId"] = m["MessageId"]
@@ -115,7 +103,7 @@ class SqsTools:
         }
         if encoding:
             kwargs["MessageAttributes"] = {"content_encoding": {"DataType": "String", "StringValue": encoding}}
-        if s.queue_url.endswith(".fifo"):
+        if s.fifo:
             kwargs["MessageGroupId"] = group or "billingd-publish"
             kwargs["MessageDeduplicationId"] = uuid.uuid4().hex
-        return (await self._client.send_message(**kwargs))["MessageId"]
+        return str((await self._client.send_message(**kwargs))["MessageId"])

@@ -2,7 +2,9 @@
 
 * `count` / `sample` — how many dead letters there are, and why (their reasons);
 * `replay` — move dead letters back to the source queue, body and attributes preserved, minus
-  billingd's dead-letter annotations (so attempts start afresh). A letter leaves the DLQ only
+  billingd's dead-letter annotations and RabbitMQ's `x-death` (so attempts start afresh), keeping
+  the original message id (AMQP `message_id`; SQS attribute `original_message_id`, set from the
+  letter's own id when SQS's redrive policy moved it). A letter leaves the DLQ only
   after its copy is confirmed in the source queue: an interrupted replay may duplicate a
   message (handlers are idempotent) but never loses one. At most the depth seen at the start is
   replayed, so a handler still failing cannot make a replay loop forever;
@@ -11,32 +13,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
-from billingd.config.model import AmqpSourceSettings, AnySource
-
-#: billingd's own dead-letter annotations, dropped on replay (AMQP headers; SQS attributes).
-AMQP_ANNOTATIONS = (
-    "x-billingd-reason",
-    "x-billingd-handler",
-    "x-billingd-attempts",
-    "x-billingd-source",
-    "x-billingd-original-message-id",
-    "x-billingd-original-exchange",
-    "x-billingd-original-routing-key",
-)
-SQS_ANNOTATIONS = ("reason", "handler", "attempts", "original_message_id", "source")
-
-
-@dataclass(frozen=True)
-class Letter:
-    """One dead letter as `dlq list` shows it."""
-
-    message_id: str
-    reason: str
-    attempts: str
-    body: bytes
+from billingd.sources.letters import Letter
 
 
 class QueueTools(Protocol):
@@ -61,14 +40,3 @@ class QueueTools(Protocol):
     async def publish(self, body: bytes, *, routing_key: str | None, encoding: str | None, group: str | None) -> str:
         """Send one message to the source; returns its message id."""
         ...
-
-
-def queue_tools(settings: AnySource) -> QueueTools:
-    """The tools for `settings`' transport."""
-    if isinstance(settings, AmqpSourceSettings):
-        from billingd.sources.amqp_tools import AmqpTools
-
-        return AmqpTools(settings)
-    from billingd.sources.sqs_tools import SqsTools
-
-    return SqsTools(settings)

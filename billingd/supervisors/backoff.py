@@ -7,7 +7,7 @@ import random
 
 def backoff_cap(attempt: int, initial: float, maximum: float) -> float:
     """The ceiling of the `attempt`-th delay (0-based): `min(maximum, initial × 2**attempt)` seconds."""
-    return min(maximum, initial * (2 ** min(attempt, 62)))
+    return float(min(maximum, initial * (2 ** min(attempt, 62))))
 
 
 def full_jitter(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:

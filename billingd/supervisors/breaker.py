@@ -22,7 +22,7 @@ import structlog
 
 from billingd.clients.errors import CircuitOpen, DownstreamRejected, DownstreamUnavailable
 from billingd.config.model import Settings
-from billingd.supervisors.metrics import Metrics
+from billingd.telemetry.metrics import Metrics
 
 T = TypeVar("T")
 log = structlog.get_logger("billingd.breaker")

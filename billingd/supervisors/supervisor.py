@@ -2,9 +2,10 @@
 
 Each child is an actor factory. A crashed child (its `run()` raised) is restarted with a fresh
 actor after a full-jitter backoff (`backoff_initial` → `backoff_max`, reset after a run healthy
-for `backoff_max`). More than `max_restarts` restarts within `max_seconds` is escalation: the
-supervisor drains every other child and `run()` returns with `escalated` set, and the daemon
-exits 70 so systemd or Kubernetes restarts the process.
+for `backoff_max`). More than `max_restarts` restarts within `max_seconds` is escalation: `escalated` is set and
+`on_escalate` is called (the daemon starts its drain, with the same deadline as a SIGTERM, and
+exits 70 so systemd or Kubernetes restarts the process); without it the supervisor drains its
+children itself and `run()` returns.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Child:
     stopped: anyio.Event = field(default_factory=anyio.Event)
     wake: anyio.Event = field(default_factory=anyio.Event)
 
+    def is_stopping(self) -> bool:
+        """Whether `stop` was called (a method, read afresh after every await)."""
+        return self.stopping
+
     def stop(self, abort: bool = False) -> None:
         """Drain (or abort) the current actor and do not restart it."""
         self.stopping = True
@@ -64,9 +69,15 @@ class Child:
 class Supervisor:
     """Supervises named children; see the module docstring."""
 
-    def __init__(self, settings: SupervisorSettings, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        rng: random.Random | None = None,
+        on_escalate: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.escalated: str | None = None
+        self._on_escalate = on_escalate
         self.children: dict[str, Child] = {}
         self._rng = rng or random.Random()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -123,7 +134,7 @@ class Supervisor:
                     await child.actor.run()
                     return
                 except Exception as exc:
-                    if child.stopping:
+                    if child.is_stopping():
                         log.error("actor crashed while stopping", source=child.name, exc_info=exc)
                         return
                     log.error("actor crashed", source=child.name, exc_info=exc)
@@ -153,4 +164,7 @@ class Supervisor:
             f"{s.max_seconds:g}s (max_restarts = {s.max_restarts})"
         )
         log.critical("supervisor escalation: draining and exiting", reason=self.escalated)
-        self.drain()
+        if self._on_escalate is not None:
+            self._on_escalate(self.escalated)
+        else:
+            self.drain()

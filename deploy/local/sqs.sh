@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Start fauxqs (an SQS emulator speaking the real wire protocol) on 127.0.0.1:4566 with the
-# queues of deploy/local/fauxqs-init.json, unless something already answers there.
+# Start fauxqs (an SQS emulator speaking the real wire protocol) on 127.0.0.1:4566 unless
+# something already answers there (another project's fauxqs, moto or LocalStack), then create the
+# queues of deploy/local/fauxqs-init.json on whichever emulator it is, idempotently, with their
+# DLQs and redrive policies (deploy/local/sqs_queues.py).
 # Installs fauxqs@1.9.2 from npm into .local-stack/ (the last version that runs on Node 20).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 port="${FAUXQS_PORT:-4566}"
-if curl -fs "http://127.0.0.1:${port}/health" >/dev/null 2>&1; then
-  echo "[sqs] fauxqs already answers on ${port}" >&2; exit 0
+create_queues() {
+  command -v uv >/dev/null || python3 -m pip install --quiet uv
+  uv run --frozen --quiet python deploy/local/sqs_queues.py --endpoint "http://127.0.0.1:${port}"
+}
+# any HTTP answer counts (LocalStack and moto have no /health): curl without -f
+if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:${port}/"; then
+  echo "[sqs] an SQS emulator already answers on ${port}: using it" >&2
+  create_queues; exit
 fi
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   if [[ $(id -u) -ne 0 ]]; then echo "[sqs] node and npm are missing: install Node.js 20 or later" >&2; exit 1; fi
@@ -27,4 +35,5 @@ FAUXQS_PORT="$port" FAUXQS_LOGGER=false FAUXQS_INIT="deploy/local/fauxqs-init.js
   nohup node .local-stack/node_modules/fauxqs/dist/cli.js >.local-stack/fauxqs.log 2>&1 &
 echo $! >.local-stack/fauxqs.pid
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:${port}/health" >/dev/null 2>&1 && break; sleep 0.1; done
-echo "[sqs] fauxqs on 127.0.0.1:${port} (queues and DLQs of deploy/local/fauxqs-init.json)" >&2
+echo "[sqs] fauxqs on 127.0.0.1:${port}" >&2
+create_queues

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 deploy/local/services.sh
 command -v uv >/dev/null || python3 -m pip install --quiet uv
-uv sync --frozen --quiet
+uv sync --frozen --quiet --compile-bytecode  # billingd processes start in ~1 s, not ~2
 exec uv run pytest "$@"

@@ -3,7 +3,11 @@
     uv run python deploy/local/traffic.py [--rate 5] [--count 0]
 
 * seed 002 (RabbitMQ): Jasmin bill events on exchange `billing` (mostly ESME_ROK, some refunds)
-  and DLRs on `messaging` (ACCEPTD then a final status, sometimes out of order);
+  and DLRs on `messaging` (ACCEPTD then a final status, sometimes out of order), in the seed's
+  JSON; and the same traffic as a real Jasmin 0.11.1 publishes it, built from
+  `shared/fixtures/jasmin-0.11.1` with fresh ids (`submit.sm.*` with pickled bills,
+  `dlr.submit_sm_resp`, `bill_request.submit_sm_resp.<uid>`, `dlr.deliver_sm`; some submissions
+  fail and are refunded), on exchanges declared as Jasmin declares them (non-durable);
 * seed 001 (SQS `billing-usage-events`): entitlement usage for a few users (the entitlements are
   created first, as the Stripe subscription sync would), some over their limit;
 * seed 004 (same queue): metered usage of a workspace (AI credits, WhatsApp messages, emails);
@@ -17,28 +21,43 @@
   `/api/v1/Stripe/Webhook`.
 
 About one message in fifty is deliberately broken, so the dead-letter path shows on /metrics too.
+Each stream is its own sender: one that fails (a queue missing, RabbitMQ down) says what failed on
+stderr and retries every round while the others go on; with `--count`, the exit status is 1 when
+a sender was still failing at the end, and a summary line per sender is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import itertools
 import json
 import os
 import random
+import sys
 import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
 import aioboto3
 import aiohttp
 import redis.asyncio as aioredis
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import aiormq
+
 from billingd.clients import Unguarded
 from billingd.clients.ledger import MICROS, UsageLedger
+from billingd.handlers.jasmin_pickle import read_pickle
 from billingd.sources.codecs import encode_body
+from tests.jasmin_capture import Captured, load
+from tests.jasmin_capture import properties as jasmin_properties
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RUN = f"{int(time.time()):x}"  # idempotency keys are per run: Redis remembers earlier runs' events
@@ -101,6 +120,49 @@ def usage_events(n: int, rng: random.Random) -> list[dict]:
             "stripe_customer_id": "cus_local_ws",
         },
     ]
+
+
+class JasminStories:
+    """Native Jasmin traffic from the fixture: each `story` is one SMS's messages with fresh ids."""
+
+    def __init__(self, rng: random.Random) -> None:
+        captured = load()
+        self.rng = rng
+        self.submits = [m for m in captured if m.routing_key == "submit.sm.fakesmsc"]
+        self.bill = next(m for m in captured if m.routing_key.startswith("bill_request."))
+        self.ok = next(m for m in captured if m.routing_key == "dlr.submit_sm_resp" and m.body == b"ESME_ROK")
+        self.error = next(m for m in captured if m.routing_key == "dlr.submit_sm_resp" and m.body == b"ESME_RINVDSTADR")
+        self.receipt = next(m for m in captured if m.routing_key == "dlr.deliver_sm")
+
+    def story(self) -> list[tuple[str, Captured]]:
+        """`(exchange, message)` pairs, in the order Jasmin publishes them."""
+        submit = self.rng.choice(self.submits)
+        msgid, bid = str(uuid.uuid4()), str(uuid.uuid4())
+        old = read_pickle(submit.header("submit_sm_bill")).get("bid").encode()
+        bill = submit.headers["submit_sm_bill"][1].replace(old, bid.encode())  # same length: a uuid
+        out = [
+            (
+                "messaging",
+                dataclasses.replace(
+                    submit, message_id=msgid, headers={**submit.headers, "submit_sm_bill": ("S", bill)}
+                ),
+            )
+        ]
+        if self.rng.random() < 0.15:  # the SMSC refuses it: final error, the early share is refunded
+            return [*out, ("messaging", dataclasses.replace(self.error, message_id=msgid))]
+        smpp = uuid.uuid4().hex[:12].upper()
+        state = self.rng.choice(["DELIVRD"] * 6 + ["UNDELIV", "EXPIRED", "REJECTD"])
+        headers = {**self.receipt.headers, "dlr_id": ("S", smpp), "dlr_stat": ("S", state)}
+        new_bill = str(uuid.uuid4())
+        return [
+            *out,
+            (
+                "messaging",
+                dataclasses.replace(self.ok, message_id=msgid, headers={**self.ok.headers, "smpp_msgid": ("S", smpp)}),
+            ),
+            ("billing", dataclasses.replace(self.bill, message_id=new_bill, body=new_bill.encode())),
+            ("messaging", dataclasses.replace(self.receipt, message_id=smpp, body=state.encode(), headers=headers)),
+        ]
 
 
 STRIPE_DOUBLE = os.environ.get("STRIPE_API_BASE", "http://127.0.0.1:12111")
@@ -225,67 +287,174 @@ def billing_messages(n: int) -> list[dict]:
     ]
 
 
+def say(line: str) -> None:
+    """One line on stderr, prefixed like the other local-stack scripts."""
+    sys.stderr.write(f"[traffic] {line}\n")
+
+
+@dataclasses.dataclass
+class Sender:
+    """One stream of traffic. A failing sender says what failed, keeps trying every round, and
+    never stops the others (a missing SQS queue must not stop the AMQP traffic)."""
+
+    name: str
+    send: Callable[[int], Awaitable[int]]  # round n -> messages sent
+    every: int = 1  # send on rounds 1, 1 + every, 1 + 2 × every, ...
+    prepare: Callable[[], Awaitable[None]] | None = None  # run until it succeeds once
+    sent: int = 0
+    failures: int = 0
+    error: str = ""
+
+    async def run(self, rate: float, count: int) -> None:
+        for n in itertools.count(1):
+            if count and n > count:
+                return
+            if (n - 1) % self.every == 0:
+                try:
+                    if self.prepare is not None:
+                        await self.prepare()
+                        self.prepare = None
+                    self.sent += await self.send(n)
+                except Exception as exc:  # noqa: BLE001 - reported, retried next round
+                    self.failures += 1
+                    error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    if error != self.error:
+                        say(f"{self.name}: failed: {error} (retrying; other senders go on)")
+                    self.error = error
+                else:
+                    if self.error:
+                        say(f"{self.name}: sending again")
+                    self.error = ""
+            await asyncio.sleep(1 / rate)
+
+    def summary(self) -> str:
+        state = f"failing: {self.error}" if self.error else "ok"
+        return f"{self.name}: {self.sent} sent, {self.failures} failed rounds, {state}"
+
+
+def senders(rng: random.Random, sqs: Any, http: aiohttp.ClientSession) -> tuple[list[Sender], dict[str, Any]]:
+    """The senders of every seed's traffic (see the module docstring) and their AMQP connections."""
+    amqp: dict[str, Any] = {}
+
+    async def connect_amqp() -> None:
+        if "connection" not in amqp:
+            amqp["connection"] = await aio_pika.connect_robust(AMQP_URL)
+        channel = await amqp["connection"].channel(publisher_confirms=True)
+        # declared as Jasmin declares them (non-durable), like billingd.toml's exchange_declare = "transient"
+        amqp["billing"] = await channel.declare_exchange("billing", "topic", durable=False)
+        amqp["messaging"] = await channel.declare_exchange("messaging", "topic", durable=False)
+
+    async def connect_raw() -> None:
+        if "raw" not in amqp:
+            amqp["raw"] = await aiormq.connect(AMQP_URL)
+        amqp["raw_channel"] = await amqp["raw"].channel(publisher_confirms=True)
+
+    async def seed_json(n: int) -> int:
+        messages = [(amqp["billing"], "bill_request.submit_sm_resp.smpp-connector-1", bill_event(n, rng))]
+        messages += [(amqp["messaging"], "dlr.deliver_sm", body) for body in dlrs(n, rng)]
+        for exchange, routing_key, body in messages:
+            await exchange.publish(
+                aio_pika.Message(_maybe_broken(json.dumps(body).encode(), rng), delivery_mode=2), routing_key
+            )
+        return len(messages)
+
+    stories = JasminStories(rng)
+
+    async def jasmin(n: int) -> int:
+        story = stories.story()
+        for exchange_name, message in story:  # headers typed as Jasmin types them
+            await amqp["raw_channel"].basic_publish(
+                message.body,
+                exchange=exchange_name,
+                routing_key=message.routing_key,
+                properties=jasmin_properties(message),
+            )
+        return len(story)
+
+    async def entitlements() -> None:  # what the Stripe subscription sync would have written
+        redis = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+        try:
+            ledger = UsageLedger(redis, Unguarded("redis"))
+            for user in USERS:
+                today = int(time.time()) // 86400 * 86400
+                await ledger.put_entitlement(
+                    user, "AI_TUTOR_ACCESS", limit=50 * MICROS, period="day", period_start=today
+                )
+        finally:
+            await redis.aclose()
+
+    async def product() -> None:
+        response = await http.post(
+            f"{STRIPE_DOUBLE}/_double/objects/products",
+            json={
+                "id": "prod_growth",
+                "name": "Growth",
+                "metadata": {
+                    "billingd.entitlement.AI_CREDITS": "1000/month",
+                    "billingd.entitlement.WHATSAPP": "unlimited",
+                    "billingd.entitlement.DASHBOARD": "access",
+                },
+            },
+        )
+        response.raise_for_status()
+
+    async def send_all(queue: str, bodies: list[str], **extra: Any) -> int:
+        for body in bodies:
+            await sqs.send_message(QueueUrl=SQS + queue, MessageBody=body, **extra)
+        return len(bodies)
+
+    async def usage(n: int) -> int:
+        bodies = [_maybe_broken(json.dumps(b).encode(), rng).decode() for b in usage_events(n, rng)]
+        return await send_all("billing-usage-events", bodies)
+
+    async def billing(n: int) -> int:
+        bodies = [
+            encode_body(json.dumps(b).encode(), "gzip", text_transport=True).decode() for b in billing_messages(n)
+        ]
+        gzip = {"content_encoding": {"DataType": "String", "StringValue": "gzip"}}
+        return await send_all("billing-to-posthog-us", bodies, MessageAttributes=gzip)
+
+    async def stripe(n: int) -> int:
+        bodies = [json.dumps(b) for b in stripe_events(n)]
+        return await send_all("billing-stripe-events", bodies) + await send_all("billing-stripe-webhooks", bodies)
+
+    async def payments(n: int) -> int:
+        bodies = [json.dumps(b) for b in await payment_events(n, rng, http)]
+        return await send_all("billing-payment-events", bodies)
+
+    return [
+        Sender("amqp seed-002 JSON (billing, messaging)", seed_json, prepare=connect_amqp),
+        Sender("amqp Jasmin 0.11.1 native (billing, messaging)", jasmin, prepare=connect_raw),
+        Sender("sqs billing-usage-events", usage, prepare=entitlements),
+        Sender("sqs billing-to-posthog-us", billing),
+        Sender("sqs billing-stripe-events + billing-stripe-webhooks", stripe, every=5, prepare=product),
+        Sender("sqs billing-payment-events", payments, every=5),
+    ], amqp
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=5.0, help="rounds per second (each makes ~8 messages)")
     parser.add_argument("--count", type=int, default=0, help="stop after this many rounds (0: run until killed)")
     args = parser.parse_args()
     rng = random.Random(7)
-    redis = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
-    ledger = UsageLedger(redis, Unguarded("redis"))
-    for user in USERS:  # what the Stripe subscription sync would have written
-        await ledger.put_entitlement(
-            user, "AI_TUTOR_ACCESS", limit=50 * MICROS, period="day", period_start=int(time.time()) // 86400 * 86400
-        )
-    http = aiohttp.ClientSession()
-    await http.post(
-        f"{STRIPE_DOUBLE}/_double/objects/products",
-        json={
-            "id": "prod_growth",
-            "name": "Growth",
-            "metadata": {
-                "billingd.entitlement.AI_CREDITS": "1000/month",
-                "billingd.entitlement.WHATSAPP": "unlimited",
-                "billingd.entitlement.DASHBOARD": "access",
-            },
-        },
-    )
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    channel = await connection.channel(publisher_confirms=True)
-    billing = await channel.declare_exchange("billing", "topic", durable=True)
-    messaging = await channel.declare_exchange("messaging", "topic", durable=True)
-    async with aioboto3.Session().client("sqs", region_name="us-east-1", endpoint_url="http://127.0.0.1:4566") as sqs:
-        for n in itertools.count(1):
-            if args.count and n > args.count:
-                break
-            amqp = [(billing, "bill_request.submit_sm_resp.smpp-connector-1", bill_event(n, rng))]
-            amqp += [(messaging, "dlr.deliver_sm", body) for body in dlrs(n, rng)]
-            for exchange, routing_key, body in amqp:
-                await exchange.publish(
-                    aio_pika.Message(_maybe_broken(json.dumps(body).encode(), rng), delivery_mode=2), routing_key
-                )
-            for body in usage_events(n, rng):
-                await sqs.send_message(
-                    QueueUrl=SQS + "billing-usage-events",
-                    MessageBody=_maybe_broken(json.dumps(body).encode(), rng).decode(),
-                )
-            for body in billing_messages(n):
-                packed = encode_body(json.dumps(body).encode(), "gzip", text_transport=True).decode()
-                await sqs.send_message(
-                    QueueUrl=SQS + "billing-to-posthog-us",
-                    MessageBody=packed,
-                    MessageAttributes={"content_encoding": {"DataType": "String", "StringValue": "gzip"}},
-                )
-            if n % 5 == 1:  # a slower trickle of Stripe and payment traffic
-                for body in stripe_events(n):
-                    await sqs.send_message(QueueUrl=SQS + "billing-stripe-events", MessageBody=json.dumps(body))
-                    await sqs.send_message(QueueUrl=SQS + "billing-stripe-webhooks", MessageBody=json.dumps(body))
-                for body in await payment_events(n, rng, http):
-                    await sqs.send_message(QueueUrl=SQS + "billing-payment-events", MessageBody=json.dumps(body))
-            await asyncio.sleep(1 / args.rate)
-    await http.close()
-    await connection.close()
-    await redis.aclose()
+    async with (
+        aiohttp.ClientSession() as http,
+        aioboto3.Session().client("sqs", region_name="us-east-1", endpoint_url="http://127.0.0.1:4566") as sqs,
+    ):
+        streams, amqp = senders(rng, sqs, http)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for sender in streams:
+                    group.create_task(sender.run(args.rate, args.count))
+        finally:
+            for sender in streams:
+                say(sender.summary())
+            for name in ("connection", "raw"):
+                if name in amqp:
+                    await amqp[name].close()
+    if any(sender.error for sender in streams):
+        raise SystemExit(1)
 
 
 def _maybe_broken(data: bytes, rng: random.Random) -> bytes:

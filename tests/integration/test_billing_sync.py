@@ -10,7 +10,7 @@ from billingd.clients.ledger.sync import SyncLedger
 from billingd.sources.codecs import encode_body
 from tests.support import make_settings, running, sqs_source, unique, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 ENCODED = {"content_encoding": "gzip"}  # seed 000: "gzip-compressed and base64-encoded"
 

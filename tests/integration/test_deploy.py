@@ -18,7 +18,7 @@ import yaml
 
 from billingd.config import parse_config
 from billingd.config.durations import parse_duration
-from billingd.supervisors.metrics import Metrics
+from billingd.telemetry.metrics import Metrics
 from tests.seed002 import dlr
 from tests.support import amqp_source, free_port, make_settings, running, wait_for
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from billingd.daemon.app import EXIT_SOFTWARE
+from billingd.daemon.app import STOP_GRACE, Daemon
+from billingd.daemon.exits import EXIT_SOFTWARE
 from tests.flaky import Journal, registry
 from tests.support import amqp_source, free_port, http_get, make_settings, running, unique, wait_for
 
@@ -99,9 +102,11 @@ async def test_queue_with_other_arguments_is_reported_once_as_a_config_error(amq
             status = daemon.statuses[source["name"]]
             await wait_for(lambda: "misconfigured" in status.reason, what="misconfiguration reported")
             await anyio.sleep(1)  # several more checks at backoff_max: still one log line
-    assert "x-message-ttl" in status.reason
-    assert queue in status.reason
-    assert "delete" in status.reason
+            reason = status.reason
+    assert status.reason == "stopped"  # after the drain
+    assert "x-message-ttl" in reason
+    assert queue in reason
+    assert "delete" in reason
     reports = [e for e in logs if e["event"] == "source misconfigured"]
     assert len(reports) == 1
     assert reports[0]["log_level"] == "error"
@@ -135,3 +140,68 @@ async def test_stopping_at_once_mid_retries_is_not_a_crash_and_loses_nothing(amq
 
     await wait_for(every_message_seen, timeout=5, what="every message back in its queue or its retry copy")
     assert seen == ids
+
+
+async def test_a_message_that_crashes_its_actor_is_dead_lettered_after_two_crashes_without_escalation(amqp):
+    """DESIGN §8: even a genuine bug triggered by one message must not take the source down."""
+    journal = Journal()
+    source = amqp.track(amqp_source("flaky", handler_options={"fail_attempts": 0, "bogus": "poison"}, prefetch=5))
+    settings = make_settings([source], supervisor={"max_restarts": 3, "backoff_initial": "10ms"})
+    async with running(settings, registry(journal)) as daemon:
+        await amqp.publish(source["exchange"], "k", b'{"poison": 1}', message_id="the-poison")
+        for i in range(10):
+            await amqp.publish(source["exchange"], "k", b"{}", message_id=f"fine-{i}")
+        dead = daemon.metrics.processed.labels(source["name"], "dead_letter")
+        await wait_for(lambda: dead._value.get() == 1, timeout=15, what="poison dead-lettered")
+        await wait_for(lambda: all(f"fine-{i}" in journal.calls for i in range(10)), what="the others handled")
+        assert daemon.metrics.restarts.labels(source["name"])._value.get() == 2
+        assert daemon.supervisor.escalated is None
+        assert daemon.health()[0]
+    assert len(journal.calls["the-poison"]) == 2  # the third delivery never reached the handler
+    [letter] = await amqp.drain_queue(f"{source['queue']}.dlq")
+    assert letter.message_id == "the-poison"
+    assert "poison message: its actor crashed 2 times" in letter.headers["x-billingd-reason"]
+
+
+async def test_a_stop_that_cannot_finish_ends_the_process_at_its_deadline(amqp):
+    """A handler that ignores cancellation: the orderly path cannot finish, so the watchdog
+    thread calls `exit_process` at drain_timeout + STOP_GRACE, and /healthz says so first."""
+    journal = Journal()
+    options = {"fail_attempts": 0, "sleep": 10, "stuck": "shielded"}
+    source = amqp.track(amqp_source("flaky", handler_options=options, prefetch=2))
+    settings = make_settings([source], daemon={"drain_timeout": "500ms"})
+    exits: list[tuple[int, float]] = []
+
+    def exit_process(code: int) -> None:  # runs on the watchdog thread: no event loop there
+        exits.append((code, time.monotonic()))
+
+    daemon = Daemon(settings, handlers=registry(journal), handle_signals=False, exit_process=exit_process)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        await wait_for(lambda: daemon.readiness()[0], what="ready")
+        await amqp.publish(source["exchange"], "k", b"{}", message_id="stuck")
+        await wait_for(lambda: "stuck" in journal.calls, what="handler stuck")
+        started = time.monotonic()
+        daemon.request_drain("test")
+        assert daemon.health()[0]  # draining within its deadline is alive
+        await wait_for(lambda: bool(exits), timeout=STOP_GRACE + 3, what="watchdog fired")
+        alive, body = daemon.health()
+    [(code, at)] = exits
+    assert code == 1
+    assert 0.5 + STOP_GRACE - 0.5 <= at - started <= 0.5 + STOP_GRACE + 1.5
+    assert not alive
+    assert "stop_overdue_seconds" in body
+
+
+async def test_escalation_fails_healthz_and_uses_the_drain_deadline(amqp):
+    journal = Journal()
+    crashy = amqp.track(amqp_source("crashy"))
+    settings = make_settings([crashy], supervisor={"max_restarts": 1, "max_seconds": 30, "backoff_initial": "10ms"})
+    async with running(settings, registry(journal, crash_builds=99), wait_ready=False, exit_code=EXIT_SOFTWARE) as d:
+        await wait_for(lambda: d.supervisor.escalated is not None, what="escalated")
+        alive, body = d.health()
+        assert not alive
+        assert "crashed 2 times" in body["escalated"]
+        assert d.draining  # the daemon's drain, with its deadline, not the supervisor's own
+        with anyio.fail_after(10):
+            await d.stopped.wait()

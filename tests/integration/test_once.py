@@ -8,7 +8,7 @@ import pytest
 from billingd.clients import Busy, Unguarded
 from billingd.clients.ledger import OnceLedger
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 
 async def test_concurrent_claims_run_the_step_once_and_the_others_are_busy(redis):

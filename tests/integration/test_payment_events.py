@@ -7,7 +7,7 @@ import pytest
 from tests.signing import razorpay_relay
 from tests.support import make_settings, running, sqs_source, unique, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 SECRET = "rzp_whsec_test"
 
@@ -36,7 +36,14 @@ def captured(payment_id: str, amount: int, notes) -> dict:
     }
 
 
-async def reconcile(sqs, stripe_double, messages, *, ack, dead=0, **overrides):
+async def reconcile(sqs, stripe_double, messages, *, ack, dead=0, _flush_once=False, **overrides):
+    if _flush_once:  # forget billingd's once-records, as dedup_ttl would
+        from tests.support import RedisTarget
+
+        client = RedisTarget.client()
+        async for key in client.scan_iter(match="billingd:once:*"):
+            await client.delete(key)
+        await client.aclose()
     url, dlq = await sqs.queue()
     source = sqs_source("payment_events", url, dlq, sqs.endpoint, **overrides)
     for message in messages:
@@ -51,7 +58,15 @@ async def reconcile(sqs, stripe_double, messages, *, ack, dead=0, **overrides):
         await wait_for(lambda: processed.labels(source["name"], "ack")._value.get() == ack, timeout=30, what="acked")
         await wait_for(lambda: processed.labels(source["name"], "dead_letter")._value.get() == dead, what="dead")
         await wait_for(lambda: _depth(sqs, dlq, dead), what="DLQ depth")
-    return [m["MessageAttributes"]["reason"]["StringValue"] for m in await sqs.take(dlq)]
+        registry = daemon.metrics.registry
+        doubles = {
+            gateway: registry.get_sample_value(
+                "billingd_payments_double_collected_total", {"source": source["name"], "gateway": gateway}
+            )
+            for gateway in ("razorpay", "manual", "zoho")
+        }
+    reasons = [m["MessageAttributes"]["reason"]["StringValue"] for m in await sqs.take(dlq)]
+    return reasons, {gateway: n for gateway, n in doubles.items() if n}
 
 
 async def _depth(sqs, url, n) -> bool:
@@ -84,7 +99,7 @@ async def test_mismatches_bad_signatures_and_missing_notes_go_to_finance_unpaid(
         razorpay_relay(captured("pay_nonotes", 100, []), SECRET, "e3"),  # notes as an empty list
         bad_signature,
     ]
-    reasons = sorted(await reconcile(sqs, stripe_double, messages, ack=0, dead=4))
+    reasons = sorted((await reconcile(sqs, stripe_double, messages, ack=0, dead=4))[0])
     assert reasons == sorted(
         [
             f"amount mismatch: razorpay payment pay_short is 149000 INR, invoice {short} has 150000 INR remaining",
@@ -97,19 +112,53 @@ async def test_mismatches_bad_signatures_and_missing_notes_go_to_finance_unpaid(
     assert stripe_double.objects["invoices"][forged]["status"] == "open"
 
 
-async def test_manual_and_zoho_payments_reconcile_and_a_paid_invoice_is_left_alone(sqs, stripe_double):
-    bank, zoho, done = (unique("in") for _ in range(3))
+async def test_manual_and_zoho_payments_reconcile(sqs, stripe_double):
+    bank, zoho = (unique("in") for _ in range(2))
     stripe_double.invoice(bank, 150000, "inr")
     stripe_double.invoice(zoho, 99900, "inr")
-    stripe_double.invoice(done, 5000, "inr", status="paid", amount_remaining=0)
     messages = [
         {"gateway": "manual", "stripe_invoice_id": bank, "reference": "UTR998877", "amount": 150000, "currency": "inr"},
         {"gateway": "zoho", "stripe_invoice_id": zoho, "payment_id": "zp_1", "amount": 99900, "currency": "INR"},
-        {"gateway": "zoho", "stripe_invoice_id": done, "payment_id": "zp_2", "amount": 5000, "currency": "inr"},
         razorpay_relay({"entity": "event", "event": "payment.failed", "payload": {}}, SECRET, "e9"),  # ignored
     ]
-    await reconcile(sqs, stripe_double, messages, ack=4)
+    await reconcile(sqs, stripe_double, messages, ack=3)
     assert sorted(stripe_double.payments) == sorted([bank, zoho])
     assert stripe_double.objects["invoices"][bank]["metadata"]["billingd_payment_id"] == "UTR998877"
     assert stripe_double.objects["invoices"][zoho]["metadata"]["billingd_gateway"] == "zoho"
-    assert stripe_double.objects["invoices"][done]["metadata"] == {}
+
+
+async def test_a_second_payment_of_a_paid_invoice_is_a_double_collection_for_finance_and_a_replay_is_not(
+    sqs, stripe_double
+):
+    """Issue 10: the customer paid twice; finance must refund one. Never acked silently."""
+    invoice, elsewhere = unique("in"), unique("in")
+    stripe_double.invoice(invoice, 150000, "inr")
+    stripe_double.invoice(elsewhere, 5000, "inr", status="paid", amount_remaining=0)  # paid in Stripe directly
+    first = razorpay_relay(captured("pay_first", 150000, {"stripe_invoice_id": invoice}), SECRET, "e1")
+    await reconcile(sqs, stripe_double, [first], ack=1)
+    # the once-records are gone (dedup_ttl passed): a replay of our own payment must still ack
+    second = {
+        "gateway": "manual",
+        "stripe_invoice_id": invoice,
+        "reference": "UTR555",
+        "amount": 150000,
+        "currency": "inr",
+    }
+    outside = {
+        "gateway": "zoho",
+        "stripe_invoice_id": elsewhere,
+        "payment_id": "zp_2",
+        "amount": 5000,
+        "currency": "inr",
+    }
+    reasons, doubles = await reconcile(sqs, stripe_double, [first, second, outside], ack=1, dead=2, _flush_once=True)
+    assert sorted(reasons) == sorted(
+        [
+            f"invoice {invoice} already paid by razorpay payment pay_first; manual payment UTR555 of "
+            "1,500.00 INR needs a refund",
+            f"invoice {elsewhere} already paid by a payment billingd did not record; zoho payment zp_2 of "
+            "50.00 INR needs a refund",
+        ]
+    )
+    assert stripe_double.payments == [invoice]  # paid once, by the first payment
+    assert doubles == {"manual": 1, "zoho": 1}  # counted; our own replay is not

@@ -10,7 +10,7 @@ from billingd.clients.ledger import SmsLedger
 from tests.seed002 import STATUS_TABLE, bill_event, dlr
 from tests.support import amqp_source, make_settings, running, unique, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 
 async def test_every_status_row_sets_its_cdr_status(amqp, redis):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 
 import anyio
 import msgspec
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from billingd.clients import Unguarded
 from billingd.clients.ledger import CDR_RANK, FINAL_CDR_STATUSES, SmsLedger
+from billingd.clients.ledger.jasmin import JasminLedger
 from billingd.handlers.outcome import ACK, InvalidMessage
 from billingd.handlers.sms_billing import SmsBillingHandler
 from billingd.handlers.sms_dlr import SmsDlrHandler
@@ -20,11 +22,12 @@ from tests.seed002 import STATUS_TABLE, dlr
 from tests.support import REDIS_URL
 
 _ids = itertools.count()
+_RUN = uuid.uuid4().hex[:8]  # Redis keeps keys between sessions: ids of this session only
 
 
 def delivery(body: bytes | dict) -> Delivery:
     data = body if isinstance(body, bytes) else msgspec.json.encode(body)
-    return Delivery(data, f"d-{next(_ids)}", 1, {}, None)
+    return Delivery(data, f"d-{_RUN}-{next(_ids)}", 1, {}, None)
 
 
 def run_with_ledger(test):
@@ -43,7 +46,7 @@ def run_with_ledger(test):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(sorted(STATUS_TABLE)), min_size=1, max_size=8))
 def test_out_of_order_dlrs_never_regress_a_final_status(statuses):
-    message_id = f"ooo-{next(_ids)}"
+    message_id = f"ooo-{_RUN}-{next(_ids)}"
 
     async def check(ledger: SmsLedger) -> None:
         handler = SmsDlrHandler(ledger)
@@ -64,7 +67,7 @@ def test_out_of_order_dlrs_never_regress_a_final_status(statuses):
 @settings(max_examples=40, deadline=None)
 @given(st.permutations(["ACCEPTD", "DELIVRD", "ESME_ROK", "ACCEPTD", "DELIVRD"]))
 def test_every_permutation_of_a_delivery_ends_delivered(order):
-    message_id = f"perm-{next(_ids)}"
+    message_id = f"perm-{_RUN}-{next(_ids)}"
 
     async def check(ledger: SmsLedger) -> None:
         handler = SmsDlrHandler(ledger)
@@ -97,7 +100,10 @@ bill_like = st.fixed_dictionaries(
 @given(st.one_of(st.binary(max_size=64), json_values.map(msgspec.json.encode), bill_like.map(msgspec.json.encode)))
 def test_any_body_is_applied_or_refused_with_a_reason(body):
     async def check(ledger: SmsLedger) -> None:
-        for handler in (SmsBillingHandler(ledger), SmsDlrHandler(ledger)):
+        for handler in (
+            SmsBillingHandler(ledger, JasminLedger(ledger.redis, Unguarded("redis"))),
+            SmsDlrHandler(ledger),
+        ):
             try:
                 outcome = await handler.handle(delivery(body))
             except InvalidMessage as exc:
@@ -106,3 +112,47 @@ def test_any_body_is_applied_or_refused_with_a_reason(body):
                 assert outcome is ACK or outcome.reason
 
     run_with_ledger(check)
+
+
+header_values = st.one_of(
+    st.text(max_size=12), st.binary(max_size=12), st.integers(), st.none(), st.sampled_from(["0.0135", "ESME_ROK"])
+)
+native_headers = st.dictionaries(
+    st.sampled_from(["user-id", "amount", "type", "smpp_msgid", "message_status", "submit_sm_bill", "dlr_stat", "cid"]),
+    header_values | st.sampled_from(["submit_sm_resp", "deliver_sm", "1e400", "NaN", "-1", "9" * 300]),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(native_headers, st.binary(max_size=40) | st.sampled_from([b"ESME_ROK", b"DELIVRD", b"\x80\x02."]))
+def test_any_native_looking_message_is_applied_or_refused_with_a_reason(headers, body):
+    """Headers of any type where Jasmin's go: a bill, a submit, a receipt, or a reasoned refusal."""
+
+    async def check(ledger: SmsLedger) -> None:
+        from billingd.handlers.base import HandlerContext
+        from billingd.handlers.sms_dlr import DlrOptions, _build
+        from billingd.telemetry import Metrics
+        from tests.support import amqp_source, make_settings
+
+        submits = JasminLedger(ledger.redis, Unguarded("redis"))
+        clients = _FakeClients(ledger, submits)
+        settings = make_settings([amqp_source("sms_dlr")])
+        context = HandlerContext(settings.sources[0], clients, settings.stripe, settings.razorpay, Metrics("test"))
+        for handler in (SmsBillingHandler(ledger, submits), _build(context, DlrOptions())):
+            message = Delivery(body, f"n-{_RUN}-{next(_ids)}", 1, headers, None)
+            try:
+                outcome = await handler.handle(message)
+            except InvalidMessage as exc:
+                assert exc.reason
+            else:
+                assert outcome is ACK or outcome.reason
+
+    run_with_ledger(check)
+
+
+class _FakeClients:
+    """The two ledgers: what `sms_dlr`'s build takes from `Clients`."""
+
+    def __init__(self, sms: SmsLedger, submits: JasminLedger) -> None:
+        self.sms_ledger, self.jasmin_ledger = sms, submits

@@ -7,14 +7,12 @@ import time
 import msgspec
 import pytest
 
-from billingd.clients import Clients, Unguarded
-from billingd.handlers.registry import build_handler
 from billingd.sources.base import Delivery
 from tests.signing import stripe_event
 from tests.stripe_fixtures import MONTH, product, renewal_invoice, subscription
-from tests.support import make_settings, sqs_source
+from tests.support import build_handler_for, make_settings, sqs_source
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 
 async def snapshot(redis) -> dict[str, object]:
@@ -42,8 +40,7 @@ async def test_each_event_type_changes_exactly_its_keys_and_replays_change_nothi
     stripe_double.add("products", product("prod_pro", AI_CREDITS="1000/month", SEATS="5/month"))
     source = sqs_source("stripe_events", "u", "d", "e")
     settings = make_settings([source], stripe={"api_key": "sk_test", "api_base": stripe_double.url})
-    clients = Clients(settings, Unguarded)
-    handler = build_handler(settings.sources[0], clients)
+    handler, clients = build_handler_for(settings)
     start = int(time.time()) - 3600
     ws, cus = "ws_fx", "cus_fx"
     sub = subscription("sub_fx", cus, ["prod_pro"], start=start)

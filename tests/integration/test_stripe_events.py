@@ -14,7 +14,7 @@ from tests.signing import stripe_event, stripe_relay
 from tests.stripe_fixtures import MONTH, product, renewal_invoice, subscription
 from tests.support import make_settings, running, sqs_source, unique, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 SECRET = "whsec_test_billingd"
 

@@ -9,15 +9,13 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billingd.clients import Clients, Unguarded
 from billingd.clients.ledger import MICROS
-from billingd.handlers.registry import build_handler
 from billingd.handlers.stripe_objects import ACTIVE_STATUSES
 from billingd.sources.base import Delivery
 from tests.doubles.stripe import StripeDouble
 from tests.signing import stripe_event
 from tests.stripe_fixtures import product, subscription
-from tests.support import make_settings, sqs_source
+from tests.support import build_handler_for, make_settings, sqs_source
 
 PRODUCTS = {
     "prod_a": {"A": "10/month"},
@@ -65,9 +63,8 @@ def test_any_arrival_order_ends_in_the_newest_events_state(specs, data):
         async with double.running():
             source = sqs_source("stripe_events", "u", "d", "e")
             cfg = make_settings([source], stripe={"api_key": "sk_test", "api_base": double.url})
-            clients = Clients(cfg, Unguarded)
+            handler, clients = build_handler_for(cfg)
             try:
-                handler = build_handler(cfg.sources[0], clients)
                 events = []
                 for created, spec in enumerate(specs, start=1):
                     status = "canceled" if spec["kind"] == "deleted" else spec["status"]

@@ -12,7 +12,7 @@ from billingd.clients.ledger import MICROS, UsageLedger
 from billingd.supervisors.breaker import BreakerState
 from tests.support import make_settings, running, sqs_source, unique, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 METERS = {"ai_credits": "ai_credits", "whatsapp_message": "whatsapp_messages", "AI_TUTOR_ACCESS": "ai_tutor_uses"}
 

@@ -9,7 +9,7 @@ import pytest
 from billingd.clients import Unguarded
 from billingd.clients.ledger import MICROS, Applied, UsageLedger
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 
 def ts(*args: int) -> int:

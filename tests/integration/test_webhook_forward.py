@@ -11,7 +11,7 @@ from tests.doubles.server import Sink
 from tests.signing import stripe_event, stripe_relay
 from tests.support import free_port, make_settings, running, sqs_source, unique, wait_for
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 PATH = "/api/v1/Stripe/Webhook"
 
@@ -98,3 +98,44 @@ async def test_a_4xx_is_dead_lettered_with_the_status_and_a_snippet(sqs, sink):
 
 async def _depth(sqs, url, n) -> bool:
     return await sqs.depth(url) == n
+
+
+async def test_with_verify_signature_forged_and_unsigned_events_are_dead_lettered_never_forwarded(sqs, sink):
+    """Seed 003's validation: only relayed webhooks signed with the endpoint secret go through."""
+    url, dlq = await sqs.queue()
+    options = {"url": f"{sink.url}{PATH}", "timeout": "1s", "verify_signature": True}
+    source = sqs_source("webhook_forward", url, dlq, sqs.endpoint, handler_options=options)
+    genuine = stripe_relay(stripe_event("invoice.paid", {"id": "in_ok"}, 20), "whsec_forward")
+    forged = stripe_relay(stripe_event("invoice.paid", {"id": "in_forged"}, 21), "whsec_attacker")
+    unsigned = stripe_event("invoice.paid", {"id": "in_bare"}, 22)
+    for body in (genuine, forged, unsigned):
+        await sqs.send(url, body)
+    settings = make_settings([source], stripe={"webhook_secret": "whsec_forward"})
+    async with running(settings) as daemon:
+        processed = daemon.metrics.processed
+        await wait_for(lambda: processed.labels(source["name"], "ack")._value.get() == 1, timeout=20, what="ack")
+        await wait_for(lambda: processed.labels(source["name"], "dead_letter")._value.get() == 2, what="dead")
+    assert [r.headers["X-Billingd-Event-Id"] for r in sink.requests] == ["evt_invoice_paid_20"]
+    reasons = sorted(m["MessageAttributes"]["reason"]["StringValue"] for m in await sqs.take(dlq))
+    assert reasons[0].startswith("Stripe-Signature verification failed")
+    assert reasons[1].startswith("not a relayed Stripe webhook")
+
+
+async def test_an_event_type_allow_list_forwards_those_and_acks_and_counts_the_rest(sqs, sink):
+    url, dlq = await sqs.queue()
+    options = {"url": f"{sink.url}{PATH}", "timeout": "1s", "event_types": ["invoice.paid"]}
+    source = sqs_source("webhook_forward", url, dlq, sqs.endpoint, handler_options=options)
+    for n, kind in enumerate(("invoice.paid", "charge.succeeded", "charge.succeeded", "customer.updated")):
+        await sqs.send(url, stripe_event(kind, {"id": f"o{n}"}, 30 + n))
+    async with running(make_settings([source])) as daemon:
+        acked = daemon.metrics.processed.labels(source["name"], "ack")
+        await wait_for(lambda: acked._value.get() == 4, timeout=20, what="all acked")
+        registry = daemon.metrics.registry
+        skipped = {
+            kind: registry.get_sample_value(
+                "billingd_webhook_events_skipped_total", {"source": source["name"], "type": kind}
+            )
+            for kind in ("charge.succeeded", "customer.updated")
+        }
+    assert [r.headers["X-Billingd-Event-Id"] for r in sink.requests] == ["evt_invoice_paid_30"]
+    assert skipped == {"charge.succeeded": 2, "customer.updated": 1}

@@ -72,7 +72,7 @@ def test_every_error_is_reported_with_its_path():
         """
     )
     assert errors == [
-        "daemon.colour: unknown key (known keys: drain_timeout, log_format, log_level)",
+        "daemon.colour: unknown key (known keys: drain_timeout, log_format, log_level, uvloop)",
         'daemon.drain_timeout: expected a duration such as "500ms", "30s" or "5m", got 25',
         'daemon.log_level: expected one of debug | info | warning | error, got "loud"',
         "sources[0].prefetch: expected int >= 1, got 0",
@@ -171,3 +171,23 @@ def test_sqs_source_rules():
         "sources[0].wait_time: expected at most 20s (the SQS long-poll limit), got 30s",
         "sources[0].visibility_timeout: expected between 1s and 12h, got 46800s",
     ]
+
+
+def test_meters_equal_but_for_case_are_refused():
+    from billingd.config import ConfigError, parse_config
+
+    text = '[stripe]\nmeters = { ai_credits = "a", AI_CREDITS = "b" }\n' + A_SOURCE
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text, {})
+    assert any(
+        'stripe.meters."AI_CREDITS": matches the same event types as "ai_credits"' in e for e in refused.value.errors
+    )
+
+
+def test_uvloop_is_the_default_loop_and_can_be_switched_off():
+    from billingd.daemon.loop import loop_options
+
+    assert parse_config(A_SOURCE, {}).daemon.uvloop is True
+    off = parse_config("[daemon]\nuvloop = false\n" + A_SOURCE, {})
+    assert loop_options(True) == {"use_uvloop": True}  # uvloop is a dependency on Linux
+    assert loop_options(off.daemon.uvloop) == {}

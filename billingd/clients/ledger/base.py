@@ -7,19 +7,25 @@ finds the effect done (and does nothing) or does it once. Keys of one subject sh
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 
-from billingd.clients.errors import DownstreamUnavailable, Guard
+from billingd.clients.errors import DownstreamError, DownstreamRejected, DownstreamUnavailable, Guard
 from billingd.clients.ledger.batch import BatchAborted, CommandBatcher
-from billingd.clients.redis import TRANSIENT_REDIS_ERRORS
+from billingd.clients.ledger.scripts import Script
+from billingd.clients.redis import TRANSIENT_REDIS_ERRORS, RedisClient, is_transient_reply
+
+#: Errors of one Redis call that `classify` turns into a downstream outcome.
+_CALL_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_REDIS_ERRORS, ResponseError, DataError)
+#: The same for a script call, which may also fail with the pipeline batch it rode in.
+_SCRIPT_ERRORS: tuple[type[Exception], ...] = (*_CALL_ERRORS, BatchAborted)
 
 KEY_PREFIX = "billingd"
+#: Most micro-units a counter may hold: Lua numbers are IEEE doubles, exact up to 2**53 (see
+#: `billingd.handlers.money`, which bounds amounts before they get here).
+LEDGER_MAX = 2**53 - 1
 
 
 def key(*parts: str, tag: str) -> str:
@@ -31,28 +37,19 @@ def key(*parts: str, tag: str) -> str:
     return ":".join((KEY_PREFIX, head, "{" + tag + "}", *rest))
 
 
-@dataclass(frozen=True, slots=True)
-class Script:
-    """A Lua script and its SHA1 (for EVALSHA)."""
-
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, source: str) -> Script:
-        """The script `source` with its digest computed."""
-        return cls(source, hashlib.sha1(source.encode()).hexdigest())
-
-
 class RedisLedger:
     """Base of the ledgers: owns the client and the guard, runs scripts and reads.
 
     Raises (from every method):
-        DownstreamUnavailable: Redis unreachable, timed out, loading or read-only.
+        DownstreamUnavailable: Redis unreachable, timed out, loading, read-only, out of memory,
+            or the cluster is down (transient: retried, counted by the `redis` breaker).
+        DownstreamRejected: Redis refused this command's data (a value that is not an integer
+            or out of range, an argument that cannot be encoded, a script error): permanent for
+            this message, never a breaker failure (DESIGN §8).
         CircuitOpen: the `redis` breaker is open.
     """
 
-    def __init__(self, redis: aioredis.Redis, guard: Guard, batcher: CommandBatcher | None = None) -> None:
+    def __init__(self, redis: RedisClient, guard: Guard, batcher: CommandBatcher | None = None) -> None:
         self.redis = redis
         self._guard = guard
         self._batcher = batcher or CommandBatcher(redis)
@@ -81,18 +78,27 @@ class RedisLedger:
         return int(raw) if raw is not None else 0
 
     async def _run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             try:
-                return await self._batcher.execute(*command)
+                return await self._batcher.run_script(script, keys, args)
             except NoScriptError:  # first use, or Redis restarted and lost its script cache
                 await self.redis.script_load(script.source)
-                return await self._batcher.execute(*command)
-        except (*TRANSIENT_REDIS_ERRORS, BatchAborted) as exc:
-            raise DownstreamUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
+                return await self._batcher.run_script(script, keys, args)
+        except _SCRIPT_ERRORS as exc:
+            raise classify(exc) from exc
 
     async def _call(self, *command: Any) -> Any:
         try:
             return await self.redis.execute_command(*command)
-        except TRANSIENT_REDIS_ERRORS as exc:
-            raise DownstreamUnavailable("redis", f"{type(exc).__name__}: {exc}") from exc
+        except _CALL_ERRORS as exc:
+            raise classify(exc) from exc
+
+
+def classify(exc: BaseException) -> DownstreamError:
+    """A redis-py error as transient (`DownstreamUnavailable`) or permanent (`DownstreamRejected`)."""
+    detail = f"{type(exc).__name__}: {exc}"[:500]
+    if isinstance(exc, (*TRANSIENT_REDIS_ERRORS, BatchAborted)) or (
+        isinstance(exc, ResponseError) and is_transient_reply(exc)
+    ):
+        return DownstreamUnavailable("redis", detail)
+    return DownstreamRejected("redis", detail)

@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from billingd.clients.errors import Busy
-from billingd.clients.ledger.base import RedisLedger, Script, key
+from billingd.clients.ledger.base import RedisLedger, key
+from billingd.clients.ledger.scripts import Script
 
 _CLAIM = Script.of("""
 local v = redis.call('GET', KEYS[1])
@@ -71,4 +72,4 @@ class OnceLedger(RedisLedger):
 
     async def done(self, scope: str, name: str) -> bool:
         """Whether step `name` of `scope` is marked done."""
-        return await self.run(_STATE, (key("once", name, tag=scope),), ()) == b"done"
+        return bool(await self.run(_STATE, (key("once", name, tag=scope),), ()) == b"done")

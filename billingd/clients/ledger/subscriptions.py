@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from billingd.clients.ledger.base import RedisLedger, Script, key
+from billingd.clients.ledger.base import RedisLedger, key
+from billingd.clients.ledger.scripts import Script
 
 _APPLY = Script.of("""
 local version = tonumber(ARGV[1])

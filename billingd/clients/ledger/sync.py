@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 
-from billingd.clients.ledger.base import RedisLedger, Script, key
+from billingd.clients.ledger.base import RedisLedger, key
+from billingd.clients.ledger.scripts import Script
 
 _STORE = Script.of("""
 local given = tonumber(ARGV[2])

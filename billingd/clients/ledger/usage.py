@@ -25,8 +25,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from billingd.clients.ledger.base import RedisLedger, Script, key
+from billingd.clients.ledger.base import LEDGER_MAX, RedisLedger, key
 from billingd.clients.ledger.periods import FOREVER, PERIODS, calendar_month, period_containing
+from billingd.clients.ledger.scripts import Script
 
 MICROS = 1_000_000
 
@@ -52,7 +53,7 @@ if mode == 'consume' then
   end
   local limit = tonumber(e[3])
   if limit >= 0 and used + amount > limit then return {'over_limit', tostring(used), e[3]} end
-  redis.call('HINCRBY', ent, 'used', amount)
+  if amount > LEDGER_MAX - used then return {'overflow', 'entitlement'} end
 else
   local p = redis.call('HMGET', period, 'start', 'end', 'interval')
   if p[1] and p[2] then
@@ -67,14 +68,18 @@ else
   end
 end
 local mark = name .. '.period'
-if redis.call('HGET', counter, mark) ~= start then
-  redis.call('HSET', counter, name, 0, mark, start)
+local current = 0
+if redis.call('HGET', counter, mark) == start then
+  current = tonumber(redis.call('HGET', counter, name) or '0') or LEDGER_MAX
 end
+if amount > LEDGER_MAX - current then return {'overflow', 'counter'} end
+if mode == 'consume' then redis.call('HINCRBY', ent, 'used', amount) end
+if current == 0 then redis.call('HSET', counter, name, 0, mark, start) end
 redis.call('HINCRBY', counter, name, amount)
 redis.call('HSET', idem, 'applied', 1, 'period', start, 'at', ARGV[4])
 redis.call('EXPIRE', idem, tonumber(ARGV[9]))
 return {'applied', start, ARGV[4]}
-"""
+""".replace("LEDGER_MAX", str(LEDGER_MAX))
 
 _PUT_ENTITLEMENT = """
 local version = tonumber(ARGV[1])
@@ -97,6 +102,8 @@ class Applied(enum.Enum):
     INACTIVE = "inactive"
     UNTRACKED = "untracked"
     OVER_LIMIT = "over_limit"
+    OVERFLOW = "overflow"
+    """The increment would take a counter past `LEDGER_MAX`: nothing written."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -71,10 +74,22 @@ class Metrics:
         self.build_info.labels(version).set(1)
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
+        self.sources: dict[str, SourceMetrics] = {}
+        """The bound metrics of every source, by name (the latest binding of a restarted source)."""
+        self._counters: dict[str, Counter] = {}
+
+    def counter(self, name: str, documentation: str, labels: Sequence[str]) -> Counter:
+        """A counter on this registry, created once however many handlers ask for it (the
+        handler-specific metrics: `billingd_usage_unmetered_total`, …)."""
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = Counter(name, documentation, list(labels), registry=self.registry)
+        return counter
 
     def for_source(self, source: str) -> SourceMetrics:
         """Label children of one source, bound once (the per-message path skips label lookups)."""
-        return SourceMetrics(self, source)
+        bound = self.sources[source] = SourceMetrics(self, source)
+        return bound
 
 
 class SourceMetrics:
@@ -100,3 +115,19 @@ class SourceMetrics:
         if child is None:
             child = self._requests[operation] = self._metrics.broker_requests.labels(self._source, operation)
         child.inc(count)
+
+
+class SourceCounter:
+    """A counter whose first label, `source`, is bound: `.labels(*rest)` gives the child.
+
+    Label values after `source` must come from a bounded set (Stripe event types, gateways):
+    never a user, account or message id (DESIGN §6)."""
+
+    __slots__ = ("_counter", "_source")
+
+    def __init__(self, counter: Counter, source: str) -> None:
+        self._counter, self._source = counter, source
+
+    def labels(self, *rest: str) -> Any:
+        """The counter child for `(source, *rest)`."""
+        return self._counter.labels(self._source, *rest)

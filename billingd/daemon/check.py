@@ -1,0 +1,107 @@
+"""What `billingd check` says beyond "valid": the meter map each `usage` source will use, and
+whether idempotency records outlive the longest a message can wait (read from the brokers).
+
+The rule (DESIGN §5, issue 10): a handler's idempotency record — `dedup_ttl` (usage, billing_sync,
+stripe_events, webhook_forward, payment_events) or `retention` (sms_billing, sms_dlr) — must
+outlive the longest path of a message: for SQS, the queue's `MessageRetentionPeriod` plus the
+dead-letter queue's (up to 14 days each; a replay keeps the original id); for AMQP, the `.dlq`
+never expires, so dead letters must be replayed within that time. Warnings never fail the check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+
+from billingd.config import Settings, convert
+from billingd.config.model import AmqpSourceSettings, AnySource, SqsSourceSettings
+from billingd.handlers.base import HandlerSpec
+from billingd.handlers.meters import MeterMap
+
+
+def _options(source: AnySource, handlers: Mapping[str, HandlerSpec[Any]]) -> Any:
+    return convert(source.handler_options, handlers[source.handler].options)
+
+
+def _record_ttl(options: Any) -> tuple[str, float] | None:
+    """`(option name, seconds)` of the idempotency record lifetime a handler's options set."""
+    for name in ("dedup_ttl", "retention"):
+        value = getattr(options, name, None)
+        if value is not None:
+            return name, float(value)
+    return None
+
+
+def describe(settings: Settings, handlers: Mapping[str, HandlerSpec[Any]]) -> list[str]:
+    """Lines about each source: the meter map of `usage` sources (case-insensitive matching)."""
+    lines = []
+    for source in settings.sources:
+        if source.handler != "usage":
+            continue
+        options = _options(source, handlers)
+        meters = MeterMap(settings.stripe.meters, options.value_scale)
+        mapped = ", ".join(meters.describe()) or "none"
+        lines.append(
+            f"  {source.name}: Stripe meters (event types matched case-insensitively, ×value_scale): {mapped}; "
+            f"other event types: {options.unmapped}"
+        )
+    return lines
+
+
+async def broker_warnings(
+    settings: Settings, handlers: Mapping[str, HandlerSpec[Any]], within: float = 5.0
+) -> list[str]:
+    """Warnings where an idempotency record can expire before its message is done (see module
+    docstring). SQS retention periods are read from the queues; a broker that does not answer
+    within `within` seconds is reported and skipped."""
+    warnings: list[str] = []
+
+    async def check(source: AnySource) -> None:
+        ttl = _record_ttl(_options(source, handlers))
+        if ttl is None:
+            return
+        name, seconds = ttl
+        days = seconds / 86400
+        if isinstance(source, AmqpSourceSettings):
+            warnings.append(
+                f"  {source.name}: {source.queue}.dlq keeps dead letters until they are replayed; replay them "
+                f"within handler_options.{name} ({days:g} days) or a replay may apply them twice"
+            )
+            return
+        assert isinstance(source, SqsSourceSettings)
+        try:
+            waits = await _sqs_retention(source)
+        except Exception as exc:  # noqa: BLE001 — a check reports what it could not read
+            warnings.append(f"  {source.name}: could not read the queue's retention ({type(exc).__name__}): skipped")
+            return
+        if waits > seconds:
+            warnings.append(
+                f"  {source.name}: a message can wait {waits / 86400:g} days (queue + dead-letter queue retention) "
+                f"but handler_options.{name} is {days:g} days: raise it to at least {waits / 86400:g}d, or a "
+                "replay after that may apply an event twice"
+            )
+
+    with anyio.move_on_after(within) as scope:
+        async with anyio.create_task_group() as tg:
+            for source in settings.sources:
+                tg.start_soon(check, source)
+    if scope.cancelled_caught:
+        warnings.append(f"  (some brokers did not answer within {within:g}s: their retention was not checked)")
+    return warnings
+
+
+async def _sqs_retention(source: SqsSourceSettings) -> float:
+    """Seconds a message can wait: the queue's retention plus its DLQ's."""
+    from aiobotocore.config import AioConfig
+
+    from billingd.sources.sqs_client import sqs_client
+
+    config = AioConfig(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1})
+    async with sqs_client(source, config) as client:
+        total = 0.0
+        for url in filter(None, (source.queue_url, source.dead_letter_queue_url)):
+            attributes = await client.get_queue_attributes(QueueUrl=url, AttributeNames=["MessageRetentionPeriod"])
+            total += float(attributes["Attributes"].get("MessageRetentionPeriod", 345600))
+        return total

@@ -1,0 +1,60 @@
+"""The outcome policy, as pure functions (DESIGN §2 "Outcomes"):
+
+* `outcome_of` — what an exception out of a handler stands for: invalid input and permanent
+  refusals are dead letters; unavailability is a retry, *uncounted* when a breaker is open (an
+  outage must never dead-letter good messages) or a duplicate is busy; None for anything else (a
+  bug: the actor logs it with its stack trace and retries, counted);
+* `settlement_of` — how an outcome settles a delivery: ack; retry after the outcome's delay or
+  the source's exponential backoff with full jitter, until `max_attempts` counted attempts, then
+  a dead letter; dead letter with the reason.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from billingd.clients.errors import Busy, CircuitOpen, DownstreamRejected, DownstreamUnavailable
+from billingd.config.model import SourceSettings
+from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
+from billingd.sources.base import Delivery, Disposition, Settlement
+from billingd.supervisors.backoff import full_jitter
+
+
+def outcome_of(
+    exc: Exception, *, blocking: Callable[[str], bool], retry_initial: float, rng: random.Random
+) -> Outcome | None:
+    """The outcome `exc` (raised by a handler) stands for, or None for an unexpected exception.
+
+    `blocking(downstream)` says whether that downstream's breaker is open now."""
+    if isinstance(exc, InvalidMessage):
+        return DeadLetter(exc.reason)
+    if isinstance(exc, CircuitOpen):
+        return Retry(str(exc), delay=exc.retry_after + rng.uniform(0, retry_initial), counted=False)
+    if isinstance(exc, DownstreamUnavailable):
+        return Retry(str(exc), counted=not blocking(exc.downstream))
+    if isinstance(exc, DownstreamRejected):
+        return DeadLetter(str(exc))
+    if isinstance(exc, Busy):  # a duplicate of work in progress: come back later, uncounted
+        return Retry(f"busy: {exc}", delay=retry_initial, counted=False)
+    if isinstance(exc, UnicodeError | RecursionError | ArithmeticError):  # the input's shape, never transient
+        return DeadLetter(f"unreadable input: {type(exc).__name__}: {exc}"[:500])
+    return None
+
+
+def settlement_of(delivery: Delivery, outcome: Outcome, settings: SourceSettings, rng: random.Random) -> Settlement:
+    """How `outcome` settles `delivery` under the source's retry settings (see module docstring)."""
+    if outcome is ACK:
+        return Settlement(delivery, Disposition.ACK)
+    if isinstance(outcome, Retry):
+        if not outcome.counted or delivery.attempt < settings.max_attempts:
+            delay = outcome.delay
+            if delay is None:
+                delay = full_jitter(delivery.attempt - 1, settings.retry_initial, settings.retry_max, rng)
+            return Settlement(delivery, Disposition.RETRY, outcome.reason, delay, outcome.counted)
+        return Settlement(
+            delivery, Disposition.DEAD_LETTER, f"gave up after {delivery.attempt} attempts: {outcome.reason}"
+        )
+    if isinstance(outcome, DeadLetter):
+        return Settlement(delivery, Disposition.DEAD_LETTER, outcome.reason)
+    raise TypeError(f"a handler returned {outcome!r}, which is not an Outcome")
