@@ -29,6 +29,7 @@ import msgspec
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.compare import drop_amqp
 from billingd.daemon.logging import configure_logging
 from tests.cluster import RedisClusterServer
 from tests.seed002 import dlr
@@ -139,12 +140,7 @@ async def run_row(kind: str, replicas: int, n: int, workdir: Path) -> float:
         for process in processes:
             process.wait(30)
         if kind == "amqp":
-            connection = await aio_pika.connect(AMQP_URL)
-            channel = await connection.channel()
-            for suffix in ("", ".retry", ".dlq"):
-                await channel.queue_delete(source["queue"] + suffix)
-            await channel.exchange_delete(source["exchange"])
-            await connection.close()
+            await drop_amqp(source)
     return (n - first) / (time.perf_counter() - started)
 
 

@@ -6,6 +6,8 @@ retry-with-backoff is disabled for that reason.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -76,22 +78,14 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
     Every connect and command is bounded by `settings.timeout` seconds; one reconnect attempt
     and no backoff, so failures reach the breaker at once.
     """
+    options: dict[str, Any] = {
+        "socket_timeout": settings.timeout,
+        "socket_connect_timeout": settings.timeout,
+        "max_connections": settings.max_connections,
+        "retry": Retry(NoBackoff(), 1),
+        "health_check_interval": 30,
+        "decode_responses": False,
+    }
     if settings.cluster:
-        return RedisCluster.from_url(
-            settings.url,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            max_connections=settings.max_connections,
-            retry=Retry(NoBackoff(), 1),
-            health_check_interval=30,
-            decode_responses=False,
-        )
-    return aioredis.Redis.from_url(
-        settings.url,
-        socket_timeout=settings.timeout,
-        socket_connect_timeout=settings.timeout,
-        max_connections=settings.max_connections,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-        decode_responses=False,
-    )
+        return RedisCluster.from_url(settings.url, **options)
+    return aioredis.Redis.from_url(settings.url, **options)
