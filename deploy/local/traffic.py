@@ -345,9 +345,14 @@ def senders(rng: random.Random, sqs: Any, http: aiohttp.ClientSession) -> tuple[
         amqp["messaging"] = await channel.declare_exchange("messaging", "topic", durable=False)
 
     async def connect_raw() -> None:
-        if "raw" not in amqp:
+        """A channel for the Jasmin stream, reopened (with a new connection if need be) after the
+        broker closed it; the exchanges declared as Jasmin declares them at its start."""
+        if "raw" not in amqp or amqp["raw"].is_closed:
             amqp["raw"] = await aiormq.connect(AMQP_URL)
-        amqp["raw_channel"] = await amqp["raw"].channel(publisher_confirms=True)
+        channel = await amqp["raw"].channel(publisher_confirms=True)
+        for exchange in ("billing", "messaging"):
+            await channel.exchange_declare(exchange, exchange_type="topic", durable=False)
+        amqp["raw_channel"] = channel
 
     async def seed_json(n: int) -> int:
         messages = [(amqp["billing"], "bill_request.submit_sm_resp.smpp-connector-1", bill_event(n, rng))]
@@ -361,6 +366,8 @@ def senders(rng: random.Random, sqs: Any, http: aiohttp.ClientSession) -> tuple[
     stories = JasminStories(rng)
 
     async def jasmin(n: int) -> int:
+        if amqp["raw_channel"].is_closed:  # e.g. a publish the broker refused closed it
+            await connect_raw()
         story = stories.story()
         for exchange_name, message in story:  # headers typed as Jasmin types them
             await amqp["raw_channel"].basic_publish(
