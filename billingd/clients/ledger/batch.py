@@ -96,14 +96,17 @@ class CommandBatcher:
 
         Raises: as `execute`; `NoScriptError` when Redis does not have `script` (load it, retry).
         """
-        self._check(keys)
-        self._check(args)
+        keys, args = self._encoded(keys), self._encoded(args)  # once: redis-py passes bytes through
         return await self._submit(_Call(("EVALSHA", script.sha, len(keys), *keys, *args), script, keys, args))
 
     def _check(self, args: Sequence[Any]) -> None:
-        try:  # checked here, sent as given: redis-py routes (cluster) and parses replies by the arguments
-            for arg in args:
-                self._encode(arg)
+        """Raise `DataError` if an argument cannot be encoded. `execute` sends its arguments as
+        given, since redis-py parses some replies by them (a script's reply does not depend on them)."""
+        self._encoded(args)
+
+    def _encoded(self, args: Sequence[Any]) -> list[bytes]:
+        try:
+            return [self._encode(arg) for arg in args]
         except (DataError, ValueError, TypeError) as exc:  # e.g. an int beyond 4,300 digits, None
             raise DataError(f"cannot encode a Redis argument: {exc}"[:300]) from None
 
@@ -184,7 +187,7 @@ class CommandBatcher:
             if call.script is None or (self._cluster and not call.keys):
                 entries.append(call)
                 continue
-            slot = key_slot(self._encode(call.keys[0])) if self._cluster else 0
+            slot = key_slot(call.keys[0]) if self._cluster else 0  # keys of a script call are encoded
             group = groups.get((call.script.sha, slot))
             if group is None:
                 group = groups[call.script.sha, slot] = []
