@@ -7,6 +7,7 @@ from billingd.clients.errors import (
     DownstreamRejected,
     DownstreamUnavailable,
     Guard,
+    Throttled,
     Unguarded,
 )
 from billingd.clients.set import Clients
@@ -19,5 +20,6 @@ __all__ = [
     "DownstreamRejected",
     "DownstreamUnavailable",
     "Guard",
+    "Throttled",
     "Unguarded",
 ]

@@ -6,7 +6,10 @@ classify failures the same way for every downstream (DESIGN §2, §3):
 * `DownstreamUnavailable` — transient (network, timeout, 5xx, 429, lock busy): retry later;
 * `CircuitOpen` — the breaker refused the call without trying: retry, not counted as an attempt;
 * `DownstreamRejected` — permanent (a 4xx other than 429): dead-letter with the downstream's words;
-* `Busy` — another worker holds the lease on this step (a duplicate delivery in progress).
+* `Busy` — another worker holds the lease on this step (a duplicate delivery in progress);
+* `Throttled` — the downstream asked us to slow down (a 429, or our own shared request budget has
+  no slot soon enough): back-pressure, retried later, never counted as an attempt and never a
+  breaker failure (an answer proves the downstream is up).
 
 The breaker itself lives in `billingd.supervisors.breaker`; clients only see the `Guard` protocol,
 so the dependency arrow keeps pointing down (daemon → supervisors → handlers → clients).
@@ -43,6 +46,14 @@ class CircuitOpen(DownstreamUnavailable):
 
 class DownstreamRejected(DownstreamError):
     """A permanent refusal: the same call will fail the same way (e.g. an HTTP 400 from Stripe)."""
+
+
+class Throttled(DownstreamError):
+    """Back-pressure from `downstream`: try again in about `retry_after` seconds (see module docstring)."""
+
+    def __init__(self, downstream: str, detail: str, retry_after: float) -> None:
+        super().__init__(downstream, detail)
+        self.retry_after = retry_after
 
 
 class Busy(Exception):

@@ -11,12 +11,14 @@ from billingd.clients.http import HttpForwarder
 from billingd.clients.ledger import OnceLedger, SmsLedger, UsageLedger
 from billingd.clients.ledger.batch import CommandBatcher
 from billingd.clients.ledger.jasmin import JasminLedger
+from billingd.clients.ledger.limits import SharedLimits
 from billingd.clients.ledger.subscriptions import SubscriptionLedger
 from billingd.clients.redis import RedisClient, connect_redis
 from billingd.config.model import RedisSettings, StripeSettings
 
 if TYPE_CHECKING:
     from billingd.clients.stripe import StripeGateway
+    from billingd.telemetry import Metrics
 
 
 class Clients:
@@ -27,10 +29,17 @@ class Clients:
     Stripe never builds a Stripe client.
     """
 
-    def __init__(self, redis: RedisSettings, stripe: StripeSettings, guard: Callable[[str], Guard]) -> None:
+    def __init__(
+        self,
+        redis: RedisSettings,
+        stripe: StripeSettings,
+        guard: Callable[[str], Guard],
+        metrics: Metrics | None = None,
+    ) -> None:
         self._redis_settings = redis
         self._stripe_settings = stripe
         self.guard = guard
+        self._metrics = metrics
         self._forwarders: dict[str, HttpForwarder] = {}
 
     @cached_property
@@ -69,12 +78,18 @@ class Clients:
         return OnceLedger(self.redis, self.guard("redis"), self.batcher)
 
     @cached_property
+    def limits(self) -> SharedLimits:
+        """Request budgets and leases shared by every replica (Stripe's rate and concurrency limits)."""
+        return SharedLimits(self.redis, self.guard("redis"), self.batcher)
+
+    @cached_property
     def stripe(self) -> StripeGateway:
-        """Stripe (`[stripe]`), behind the `stripe` breaker. The stripe SDK is imported here, on
-        first use: a daemon without Stripe sources starts faster and ~15 MiB smaller."""
+        """Stripe (`[stripe]`), behind the `stripe` breaker, within the shared request budget. The
+        stripe SDK is imported here, on first use: a daemon without Stripe sources starts faster
+        and ~15 MiB smaller."""
         from billingd.clients.stripe import StripeGateway
 
-        return StripeGateway(self._stripe_settings, self.guard("stripe"))
+        return StripeGateway(self._stripe_settings, self.guard("stripe"), self.limits, self._metrics)
 
     def forwarder(self, name: str, timeout: float = 10.0) -> HttpForwarder:
         """The HTTP forwarder behind breaker `forward:<name>` (one per name)."""

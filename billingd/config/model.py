@@ -88,15 +88,86 @@ class RedisSettings(_Section, frozen=True):
     cluster: bool = False
 
 
+RequestRate = Annotated[float, Meta(ge=0, le=100_000)]
+
+
+class StripeBudgets(_Section, frozen=True):
+    """`[stripe.max_requests_per_second]` as a table: one figure per Stripe rate limit (requests
+    per second for the whole Stripe account, shared by every replica; 0 = no budget). A figure
+    left out takes its default for the key's mode (`StripeSettings.budgets`)."""
+
+    basic: RequestRate | None = None
+    """The basic API (invoices, customers, products, meter event sessions; in a sandbox also v1
+    meter events). Stripe: 100/s live, 25/s sandbox."""
+    meter_events: RequestRate | None = None
+    """`POST /v1/billing/meter_events` in live mode. Stripe: 1,000/s."""
+    meter_stream: RequestRate | None = None
+    """`POST /v2/billing/meter_event_stream` requests (each up to 100 events). Stripe: 10,000/s live."""
+
+
+#: Default budgets (requests/s) by key mode: below Stripe's limits (docs.stripe.com/rate-limits),
+#: leaving room for whatever else the company sends with the same account.
+LIVE_BUDGETS = {"basic": 80.0, "meter_events": 800.0, "meter_stream": 8000.0}
+STRIPE_API_BASE = "https://api.stripe.com"
+METER_EVENTS_BASE = "https://meter-events.stripe.com"
+SANDBOX_BUDGETS = {"basic": 20.0, "meter_events": 20.0, "meter_stream": 800.0}
+
+
 class StripeSettings(_Section, frozen=True):
-    """`[stripe]`: API access; `meters` maps a usage event type to a Stripe meter `event_name`."""
+    """`[stripe]`: API access; `meters` maps a usage event type to a Stripe meter `event_name`.
+
+    Meter events go through the v2 meter event stream (`meter_api = "stream"`, batches of up to
+    `meter_batch` events, gathered for at most `meter_linger`) or one `POST
+    /v1/billing/meter_events` each (`"v1"`, at most one call in flight per customer and meter).
+    `max_requests_per_second` is one budget for every replica (a number: one figure for all
+    Stripe requests; a table: per rate limit); a request waits its turn for at most `max_wait`,
+    then its message is retried later, uncounted."""
 
     api_key: str = ""
     api_base: str = "https://api.stripe.com"
+    meter_events_base: str = ""
+    """The v2 meter event stream's host; empty: `https://meter-events.stripe.com` with Stripe's
+    own `api_base`, else `api_base` (a proxy or a double serving both)."""
     webhook_secret: str = ""
     webhook_tolerance: Duration = Duration(300)
     timeout: Duration = Duration(10)
     meters: dict[str, str] = field(default_factory=dict)
+    meter_api: Literal["stream", "v1"] = "stream"
+    meter_batch: Annotated[int, Meta(ge=1, le=100)] = 100
+    meter_linger: Duration = Duration(0.02)
+    max_requests_per_second: RequestRate | StripeBudgets = field(default_factory=StripeBudgets)
+    max_wait: Duration = Duration(10)
+
+    @property
+    def meter_events_url(self) -> str:
+        """Where stream requests go (see `meter_events_base`)."""
+        if self.meter_events_base:
+            return self.meter_events_base
+        return METER_EVENTS_BASE if self.api_base.rstrip("/") == STRIPE_API_BASE else self.api_base
+
+    @property
+    def sandbox(self) -> bool:
+        """Whether the key is a sandbox (test mode) key, `sk_test_…` or `rk_test_…`; any other
+        key is taken as live."""
+        return self.api_key.startswith(("sk_test_", "rk_test_"))
+
+    def budget(self, kind: str) -> tuple[str, float]:
+        """`(bucket, requests/s)` that a request of `kind` (`basic`, `meter_events`,
+        `meter_stream`) draws on; 0 requests/s = no budget. Requests of kinds with the same
+        bucket share one budget.
+
+        A single number is one budget for every kind (bucket `all`); a table fills what it leaves
+        out from the defaults of the key's mode; in a sandbox, v1 meter events count against the
+        basic limit (docs.stripe.com/rate-limits), so they share its bucket unless the table names
+        `meter_events`."""
+        table = self.max_requests_per_second
+        if not isinstance(table, StripeBudgets):
+            return "all", float(table)
+        defaults = SANDBOX_BUDGETS if self.sandbox else LIVE_BUDGETS
+        if kind == "meter_events" and self.sandbox and table.meter_events is None:
+            kind = "basic"
+        value = getattr(table, kind)
+        return kind, float(value if value is not None else defaults[kind])
 
 
 class RazorpaySettings(_Section, frozen=True):

@@ -81,7 +81,7 @@ class Daemon:
         self.metrics = Metrics(__version__)
         self.registry = self.metrics.registry
         self.board = BreakerBoard(settings, self.metrics)
-        self.clients = Clients(settings.redis, settings.stripe, self.board.get)
+        self.clients = Clients(settings.redis, settings.stripe, self.board.get, self.metrics)
         self.supervisor = Supervisor(settings.supervisor, rng=rng, on_escalate=self._on_escalate)
         self.statuses: dict[str, SourceStatus] = {s.name: SourceStatus(s.name) for s in settings.sources}
         self.draining = False

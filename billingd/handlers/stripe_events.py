@@ -13,6 +13,9 @@ dead-lettered and never applied). Each event is applied once (`OnceLedger`, keye
 * `invoice.paid` with `billing_reason = subscription_cycle` — a renewal: the new period's
   counters start at zero;
 * `entitlements.active_entitlement_summary.updated` — replace the subject's active features;
+* `v1.billing.meter.error_report_triggered` (a v2 event; thin ones are fetched) — meter events
+  Stripe refused after accepting them: counted in `billingd_meter_errors_total{source,meter,code}`
+  and logged with Stripe's sample identifiers (`billingd.handlers.meter_errors`);
 * anything else — acked, counted in `billingd_stripe_events_ignored_total{source,type}`.
 
 Every write is versioned by `event.created`: an older event never rolls state back. Products are
@@ -33,6 +36,7 @@ from billingd.clients.ledger.periods import period_containing
 from billingd.clients.ledger.subscriptions import Grant, SubscriptionLedger
 from billingd.config.durations import Duration
 from billingd.config.model import StripeSettings
+from billingd.handlers import meter_errors
 from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message
 from billingd.handlers.outcome import ACK, InvalidMessage, Outcome
 from billingd.handlers.stripe_objects import (
@@ -47,6 +51,7 @@ from billingd.handlers.stripe_objects import (
     subscription_products,
 )
 from billingd.handlers.webhooks import Envelope, verify_relayed
+from billingd.telemetry import SourceCounter
 
 if TYPE_CHECKING:
     from billingd.clients.stripe import StripeGateway
@@ -72,6 +77,8 @@ class StripeEventsHandler:
         settings: StripeSettings,
         options: StripeEventsOptions,
         ignored: Any,
+        meter_errors_counter: Any = None,
+        source: str = "",
     ) -> None:
         self._ledger = ledger
         self._once = once
@@ -80,6 +87,9 @@ class StripeEventsHandler:
         self._tolerance = int(settings.webhook_tolerance)
         self._options = options
         self._ignored = ignored
+        self._meter_errors = meter_errors_counter
+        self._source = source
+        self._kind = JsonDecoder(_Kind)
         self._envelope = JsonDecoder(Envelope)
         self._event = JsonDecoder(StripeEvent)
         self._products: dict[str, tuple[float, dict[str, str]]] = {}
@@ -97,7 +107,10 @@ class StripeEventsHandler:
 
     async def handle(self, message: Message) -> Outcome:
         """Verify, decode and apply one event, once."""
-        event = self.decode(message.body)
+        raw = self.unwrap(message.body)
+        if self._kind.decode(raw).object == "v2.core.event":
+            return await self._v2_event(meter_errors.V2_EVENT.decode(raw))
+        event = self._event.decode(raw)
         apply = self._apply.get(event.type)
         if apply is None:
             self._ignored.labels(event.type).inc()
@@ -109,18 +122,46 @@ class StripeEventsHandler:
         return ACK
 
     def decode(self, body: bytes) -> StripeEvent:
-        """The Stripe Event in `body`, from whichever envelope it came in.
+        """The (v1) Stripe Event in `body`, from whichever envelope it came in.
 
         Raises:
             InvalidMessage: not JSON, not an event, or a relayed webhook whose signature fails.
         """
+        return self._event.decode(self.unwrap(body))
+
+    def unwrap(self, body: bytes) -> bytes:
+        """The event's own JSON in `body`: a relayed webhook's verified body, an EventBridge
+        `detail`, or `body` itself.
+
+        Raises:
+            InvalidMessage: not JSON, or a relayed webhook whose signature fails.
+        """
         envelope = self._envelope.decode(body)
         if envelope.headers is not None and envelope.body is not None:
             verify_relayed(envelope, self._secret, self._tolerance)
-            return self._event.decode(envelope.body.encode())
+            return envelope.body.encode()
         if envelope.detail:
-            return self._event.decode(bytes(envelope.detail))
-        return self._event.decode(body)
+            return bytes(envelope.detail)
+        return body
+
+    async def _v2_event(self, event: meter_errors.V2Event) -> Outcome:
+        """A v2 event: meter error reports are counted once; other types are ignored."""
+        if event.type != meter_errors.ERROR_REPORT:
+            self._ignored.labels(event.type[:64]).inc()
+            return ACK
+        lease = 2 * self._stripe.timeout + 5
+        step = partial(self._meter_error_report, event)
+        await self._once.run_once(event.id, "stripe-event", step, lease=lease, ttl=int(self._options.dedup_ttl))
+        return ACK
+
+    async def _meter_error_report(self, event: meter_errors.V2Event) -> None:
+        data = bytes(event.data)
+        if not data or data == b"null":  # a thin event notification: fetch the event for its data
+            fetched = await self._stripe.retrieve_v2_event(event.id)
+            data = msgspec.json.encode(fetched.get("data") or {})
+        report = meter_errors.REPORT.decode(data)
+        if self._meter_errors is not None:
+            meter_errors.record(event, report, self._meter_errors, self._source)
 
     # -- effects -----------------------------------------------------------------------------
 
@@ -235,10 +276,26 @@ class StripeEventsHandler:
         return metadata
 
 
+class _Kind(msgspec.Struct, frozen=True):
+    """Enough of an event to tell a v2 event (`object = "v2.core.event"`) from a v1 one."""
+
+    object: str = "event"
+
+
 def _build(ctx: HandlerContext, options: StripeEventsOptions) -> StripeEventsHandler:
     ignored = ctx.counter("billingd_stripe_events_ignored", "Stripe events acked without effect, by type.", ["type"])
+    errors = SourceCounter(ctx.metrics.meter_errors, ctx.source.name)
     clients = ctx.clients
-    return StripeEventsHandler(clients.subscription_ledger, clients.once, clients.stripe, ctx.stripe, options, ignored)
+    return StripeEventsHandler(
+        clients.subscription_ledger,
+        clients.once,
+        clients.stripe,
+        ctx.stripe,
+        options,
+        ignored,
+        errors,
+        ctx.source.name,
+    )
 
 
 SPEC = HandlerSpec("stripe_events", StripeEventsOptions, _build, "Stripe events → entitlements, features (seed 004)")

@@ -22,16 +22,25 @@ usage tracking, or usage over the limit is dead-lettered with that reason. Strip
 whole meter values (Stripe docs, "Record usage with the API": "only accepts whole number
 values"): `handler_options.value_scale` reports an event type in a smaller unit (e.g. 10 →
 tenths of a credit); a value still not whole is dead-lettered, never rounded.
+
+Meter events are checked before any effect against what Stripe would refuse (the v2 stream
+refuses nothing synchronously: a bad event would be reported later and never billed): a whole
+value of at most 15 significant digits (API version 2026-04-22.dahlia), a timestamp within
+Stripe's window (the past 35 days, less `TIMESTAMP_MARGIN`, to 5 minutes ahead), a customer id
+of Stripe's form (`cus_…`). A 400 "An event already exists with identifier X" for this event's own
+identifier (v1) proves Stripe holds it: acked, counted in `billingd_stripe_duplicates_total`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from decimal import Decimal
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
+import structlog
 
 from billingd.clients.ledger import Applied, OnceLedger, UsageLedger
 from billingd.clients.ledger.base import LEDGER_MAX
@@ -40,9 +49,21 @@ from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Mes
 from billingd.handlers.meters import MeterMap
 from billingd.handlers.money import to_micros
 from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
+from billingd.telemetry import SourceCounter
 
 if TYPE_CHECKING:
     from billingd.clients.stripe import StripeGateway
+
+log = structlog.get_logger("billingd.usage")
+
+#: Stripe's meter event rules ("Record usage with the API"; API reference, meter events):
+#: timestamps within the past 35 days and at most 5 minutes ahead, at most 15 significant digits.
+STRIPE_MAX_AGE = 35 * 86400
+STRIPE_MAX_AHEAD = 300
+STRIPE_MAX_DIGITS = 15
+#: How far inside Stripe's 35 days an event must be (seconds): it still has to reach Stripe.
+TIMESTAMP_MARGIN = 3600
+_CUSTOMER_ID = re.compile(r"^cus_[A-Za-z0-9_-]{1,250}$")
 
 
 class UsageOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -85,14 +106,19 @@ class UsageHandler:
         stripe: StripeGateway | None,
         meters: MeterMap,
         options: UsageOptions,
+        duplicates: SourceCounter | None = None,
+        max_wait: float = 10.0,
     ) -> None:
         self._ledger = ledger
         self._once = once
         self._stripe = stripe
         self._meters = meters
         self._options = options
+        self._duplicates = duplicates.labels() if duplicates is not None else None
         self._decoder = JsonDecoder(UsageEvent)
-        self._lease = 2 * stripe.timeout + 5 if stripe is not None else 30.0  # outlives one Stripe call
+        # outlives one Stripe step: waits for a call in flight, a lease and a budget slot, then the
+        # call (and a session renewal)
+        self._lease = 3 * max_wait + 2 * stripe.timeout + 5 if stripe is not None else 30.0
         self.downstreams: tuple[str, ...] = ("redis", "stripe") if meters else ("redis",)
 
     async def handle(self, message: Message) -> Outcome:
@@ -115,8 +141,11 @@ class UsageHandler:
                 "not a usage event: expected userId and entitlementKey (seed 001) "
                 "or event_type and workspace_id (seed 004)"
             )
-        micros = to_micros(quantity, field)
         meter = self._meters.meter(name)
+        metered_value = self._meter_value(name, quantity) if meter else 0
+        if meter and event.timestamp is not None:
+            _check_timestamp(event.timestamp, int(time.time()))
+        micros = to_micros(quantity, field)
         if meter is None:
             if self._options.unmapped == "dead_letter":
                 return DeadLetter(
@@ -124,7 +153,6 @@ class UsageHandler:
                     'not applied; map it, or set handler_options.unmapped = "count"'
                 )
             self._meters.unmetered(name)
-        metered_value = self._meter_value(name, quantity) if meter else 0
         result = await self._ledger.apply(
             subject, name, micros, key, consume=consume, now=int(time.time()), dedup_ttl=int(self._options.dedup_ttl)
         )
@@ -148,28 +176,65 @@ class UsageHandler:
             customer = event.stripe_customer_id or await self._ledger.customer(subject)
             if not customer:
                 return Retry(f"no Stripe customer known for {subject} (yet)")
-            assert self._stripe is not None
-            send = partial(
-                self._stripe.create_meter_event,
-                event_name=meter,
-                customer=customer,
-                value=metered_value,
-                identifier=key,
-                timestamp=event.timestamp or result.at,
-            )
+            if not _CUSTOMER_ID.match(customer):
+                reason = f"{customer[:80]!r} is not a Stripe customer id (cus_…): counted in Redis, not billed"
+                return DeadLetter(reason)
+            timestamp = event.timestamp or result.at
+            _check_timestamp(timestamp, int(time.time()))
+            send = partial(self._send, meter, customer, metered_value, key, timestamp)
             ttl = int(self._options.dedup_ttl)
             await self._once.run_once(subject, f"meter:{key}", send, lease=self._lease, ttl=ttl)
         return ACK
 
+    async def _send(self, meter: str, customer: str, value: int, identifier: str, timestamp: int) -> None:
+        """Report one meter event; Stripe already holding this identifier counts as sent."""
+        from billingd.clients.stripe import MeterEventExists  # the SDK loads only with a meter
+
+        assert self._stripe is not None
+        try:
+            await self._stripe.create_meter_event(
+                event_name=meter, customer=customer, value=value, identifier=identifier, timestamp=timestamp
+            )
+        except MeterEventExists as exc:
+            if exc.identifier != identifier:
+                raise
+            if self._duplicates is not None:
+                self._duplicates.inc()
+            log.info("Stripe already holds this meter event: acked as a duplicate", identifier=identifier, meter=meter)
+
     def _meter_value(self, name: str, quantity: Decimal) -> int:
         scale = self._meters.scale(name)
+        if not quantity.is_finite() or quantity.adjusted() > STRIPE_MAX_DIGITS + 1:
+            raise InvalidMessage(f"Stripe meter values take at most {STRIPE_MAX_DIGITS} significant digits: {name} "
+                                 f"value {str(quantity)[:40]}")  # fmt: skip
         scaled = quantity * scale
         if scaled != scaled.to_integral_value():
             raise InvalidMessage(
                 f"Stripe meters take whole numbers: {name} value {quantity} × scale {scale} = {scaled}; "
                 f"set handler_options.value_scale.{name} so that values are whole"
             )
+        digits = len(scaled.normalize().as_tuple().digits)
+        if digits > STRIPE_MAX_DIGITS:
+            raise InvalidMessage(
+                f"Stripe meter values take at most {STRIPE_MAX_DIGITS} significant digits: {name} value {quantity} "
+                f"× scale {scale} = {scaled:f} has {digits}"
+            )
         return int(scaled)
+
+
+def _check_timestamp(timestamp: int, now: int) -> None:
+    """Raise `InvalidMessage` unless Stripe would take a meter event at `timestamp` (Unix seconds)."""
+    if timestamp < now - STRIPE_MAX_AGE + TIMESTAMP_MARGIN:
+        days = (now - timestamp) / 86400
+        raise InvalidMessage(
+            f"meter event timestamp {timestamp} is {days:.1f} days old: Stripe takes events of the past 35 days "
+            f"only (billingd refuses them {TIMESTAMP_MARGIN // 3600} h before that)"
+        )
+    if timestamp > now + STRIPE_MAX_AHEAD:
+        raise InvalidMessage(
+            f"meter event timestamp {timestamp} is {timestamp - now} s ahead: Stripe takes at most "
+            f"{STRIPE_MAX_AHEAD} s in the future; check the producer's clock"
+        )
 
 
 def _required(value: str | None, name: str) -> str:
@@ -190,8 +255,12 @@ def _build(ctx: HandlerContext, options: UsageOptions) -> UsageHandler:
         ["event_type"],
     )
     meters = MeterMap(ctx.stripe.meters, options.value_scale, unmetered)
+    duplicates = SourceCounter(ctx.metrics.stripe_duplicates, ctx.source.name)
     clients = ctx.clients
-    return UsageHandler(clients.usage_ledger, clients.once, clients.stripe if meters else None, meters, options)
+    stripe = clients.stripe if meters else None
+    return UsageHandler(
+        clients.usage_ledger, clients.once, stripe, meters, options, duplicates, float(ctx.stripe.max_wait)
+    )
 
 
 SPEC = HandlerSpec("usage", UsageOptions, _build, "entitlements, usage counters, Stripe meters (seeds 001, 004)")

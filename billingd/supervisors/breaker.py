@@ -6,9 +6,9 @@ half-open ──probe succeeds──▶ closed          half-open ──probe fa
                                               (up to reset_timeout_max)
 
 Only `DownstreamUnavailable` counts as a failure; any answer from the downstream (including a
-permanent 4xx, `DownstreamRejected`) is a success. While half-open, calls other than the probe
-wait for its result instead of failing, so a recovered downstream is not met with a burst of
-retries. Time is `anyio.current_time()` (monotonic seconds).
+permanent 4xx, `DownstreamRejected`, and a 429, `Throttled`) is a success. While half-open,
+calls other than the probe wait for its result instead of failing, so a recovered downstream
+is not met with a burst of retries. Time is `anyio.current_time()` (monotonic seconds).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TypeVar
 import anyio
 import structlog
 
-from billingd.clients.errors import CircuitOpen, DownstreamRejected, DownstreamUnavailable
+from billingd.clients.errors import CircuitOpen, DownstreamRejected, DownstreamUnavailable, Throttled
 from billingd.config.model import Settings
 from billingd.telemetry.metrics import Metrics
 
@@ -75,8 +75,8 @@ class CircuitBreaker:
             if probe or self.state is BreakerState.CLOSED:
                 self._failure()
             raise
-        except DownstreamRejected:
-            self._success()  # a refusal is an answer: the downstream is up
+        except (DownstreamRejected, Throttled):
+            self._success()  # a refusal or a 429 is an answer: the downstream is up
             raise
         except BaseException:
             if probe:  # cancelled or a bug, not an answer: let the next call probe

@@ -2,8 +2,9 @@
 
 * `outcome_of` — what an exception out of a handler stands for: invalid input and permanent
   refusals are dead letters; unavailability is a retry, *uncounted* when a breaker is open (an
-  outage must never dead-letter good messages) or a duplicate is busy; None for anything else (a
-  bug: the actor logs it with its stack trace and retries, counted);
+  outage must never dead-letter good messages), a duplicate is busy or the downstream
+  throttles; None for anything else (a bug: the actor logs it with its stack trace and
+  retries, counted);
 * `settlement_of` — how an outcome settles a delivery: ack; retry after the outcome's delay or
   the source's exponential backoff with full jitter, until `max_attempts` counted attempts, then
   a dead letter; dead letter with the reason.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from billingd.clients.errors import Busy, CircuitOpen, DownstreamRejected, DownstreamUnavailable
+from billingd.clients.errors import Busy, CircuitOpen, DownstreamRejected, DownstreamUnavailable, Throttled
 from billingd.config.model import SourceSettings
 from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
 from billingd.sources.base import Delivery, Disposition, Settlement
@@ -30,6 +31,8 @@ def outcome_of(
     if isinstance(exc, InvalidMessage):
         return DeadLetter(exc.reason)
     if isinstance(exc, CircuitOpen):
+        return Retry(str(exc), delay=exc.retry_after + rng.uniform(0, retry_initial), counted=False)
+    if isinstance(exc, Throttled):  # back-pressure (a 429, the shared budget): never an attempt
         return Retry(str(exc), delay=exc.retry_after + rng.uniform(0, retry_initial), counted=False)
     if isinstance(exc, DownstreamUnavailable):
         return Retry(str(exc), counted=not blocking(exc.downstream))

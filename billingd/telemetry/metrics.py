@@ -77,6 +77,25 @@ class Metrics:
         self.sources: dict[str, SourceMetrics] = {}
         """The bound metrics of every source, by name (the latest binding of a restarted source)."""
         self._counters: dict[str, Counter] = {}
+        # Stripe's contract (DESIGN §9): declared up front, since alerts and dashboards use them
+        self.meter_errors = self.counter(
+            "billingd_meter_errors",
+            "Meter events Stripe reported invalid after accepting them (never billed), by meter and error code.",
+            ["source", "meter", "code"],
+        )
+        self.stripe_duplicates = self.counter(
+            "billingd_stripe_duplicates",
+            "Meter events Stripe proved it already held (400 'An event already exists'): acked.",
+            ["source"],
+        )
+        self.stripe_throttled = self.counter(
+            "billingd_stripe_throttled_seconds",
+            "Seconds Stripe requests waited for a slot of the shared request budget, by budget.",
+            ["budget"],
+        )
+        self.stripe_rate_limited = self.counter(
+            "billingd_stripe_rate_limited", "Stripe requests answered 429, by API.", ["api"]
+        )
 
     def counter(self, name: str, documentation: str, labels: Sequence[str]) -> Counter:
         """A counter on this registry, created once however many handlers ask for it (the

@@ -3,8 +3,10 @@
     uv run python -m tests.doubles.serve [--stripe-port 12111] [--sink-port 12112]
 
 `GET /_double/requests` on either port lists what it received (Stripe: `meter_events` and the
-invoices it holds); `POST /_double/objects/<products|customers|invoices>` (JSON) creates a Stripe
-object, as the local stack's traffic does before sending events about it.
+invoices it holds). The Stripe double keeps Stripe's live-mode contract: `--latency` seconds per
+request (default 0.15), its rate limits and one v1 meter event call per customer and meter.
+`POST /_double/objects/<products|customers|invoices>` (JSON) creates a Stripe object, as the
+local stack's traffic does before sending events about it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import asyncio
 from aiohttp import web
 
 from tests.doubles.server import Double, Sink
-from tests.doubles.stripe import StripeDouble
+from tests.doubles.stripe import StripeContract, StripeDouble
 
 
 def with_inspection(double: Double) -> Double:
@@ -34,6 +36,8 @@ def with_inspection(double: Double) -> Double:
             }
             if isinstance(double, StripeDouble):
                 body["meter_events"] = double.meter_events[-100:]
+                body["meter_events_recorded"] = len(double.meter_events)
+                body["answered_429"] = double.rate_limited
                 body["invoices"] = list(double.objects["invoices"].values())[-100:]
             return web.json_response(body)
 
@@ -54,8 +58,12 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stripe-port", type=int, default=12111)
     parser.add_argument("--sink-port", type=int, default=12112)
+    parser.add_argument(
+        "--latency", type=float, default=0.15, help="seconds per Stripe request (Stripe's own: 100-300 ms)"
+    )
     args = parser.parse_args()
-    stripe, sink = with_inspection(StripeDouble()), with_inspection(Sink())
+    contract = StripeContract.live(args.latency)  # live mode's rate limits and one v1 call per customer and meter
+    stripe, sink = with_inspection(StripeDouble(contract)), with_inspection(Sink())
     async with stripe.running(args.stripe_port), sink.running(args.sink_port):
         print(f"stripe double on {stripe.url}, sink on {sink.url}", flush=True)
         await asyncio.Event().wait()

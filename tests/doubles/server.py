@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ class Recorded:
     form: dict[str, Any] = field(default_factory=dict)
     replayed: bool = False
     status: int = 200
+    at: float = field(default_factory=time.monotonic)
+    """When it arrived (monotonic seconds)."""
 
 
 class Double:

@@ -94,6 +94,7 @@ def _usage_source(amqp, stripe_double, tmp_path) -> tuple[dict, Path, int]:
             "api_key": "${STRIPE_SECRET_KEY}",
             "api_base": stripe_double.url,
             "meters": {"ai_credits": "ai_credits"},
+            "meter_api": "v1",  # one hanging call per message: IN_FLIGHT requests show they are in flight
         },
     )
     config = tmp_path / "billingd.toml"
@@ -129,7 +130,7 @@ async def _ready_with_messages_in_flight(process, lines, port, amqp, source, str
             "workspace_id": workspace,
             "value": 1,
             "idempotency_key": f"{workspace}-{i}",
-            "stripe_customer_id": "cus_ctrl_c",
+            "stripe_customer_id": f"cus_ctrl_c{i}",  # v1: one call in flight per customer and meter
         }
         await amqp.publish(source["exchange"], "usage", body, message_id=f"{workspace}-{i}")
     await wait_for(lambda: len(stripe_double.requests) >= IN_FLIGHT, timeout=20, what="meter events in flight")

@@ -16,11 +16,12 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixt
 
 
 async def snapshot(redis) -> dict[str, object]:
-    """Every billingd key and its value (once-only step records excluded: bookkeeping, not state)."""
+    """Every billingd key and its value (once-only step records, request budgets and leases
+    excluded: bookkeeping, not state)."""
     state: dict[str, object] = {}
     async for raw in redis.scan_iter(match="billingd:*"):
         name = raw.decode()
-        if name.startswith("billingd:once:"):
+        if name.startswith(("billingd:once:", "billingd:budget:", "billingd:lease:")):
             continue
         kind = (await redis.type(name)).decode()
         if kind == "hash":

@@ -17,11 +17,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixt
 METERS = {"ai_credits": "ai_credits", "whatsapp_message": "whatsapp_messages", "AI_TUTOR_ACCESS": "ai_tutor_uses"}
 
 
-def settings_for(source, stripe_double):
-    return make_settings(
-        [source],
-        stripe={"api_key": "sk_test_billingd", "api_base": stripe_double.url, "meters": METERS, "timeout": "2s"},
-    )
+def settings_for(source, stripe_double, meter_api="stream"):
+    stripe = {"api_key": "sk_test_billingd", "api_base": stripe_double.url, "meters": METERS, "timeout": "2s"}
+    return make_settings([source], stripe={**stripe, "meter_api": meter_api})
 
 
 @pytest.fixture
@@ -87,7 +85,8 @@ async def test_the_same_idempotency_key_twice_counts_once_and_meters_once(sqs, l
     assert meter["payload"] == {"stripe_customer_id": "cus_tutor", "value": "1"}
 
 
-async def test_seed_004_usage_events_become_one_meter_event_each(sqs, ledger, stripe_double):
+@pytest.mark.parametrize("meter_api", ["stream", "v1"])
+async def test_seed_004_usage_events_become_one_meter_event_each(sqs, ledger, stripe_double, meter_api):
     url, dlq = await sqs.queue()
     source = sqs_source("usage", url, dlq, sqs.endpoint, handler_options={"value_scale": {"ai_credits": 10}})
     workspace = unique("ws")
@@ -122,7 +121,7 @@ async def test_seed_004_usage_events_become_one_meter_event_each(sqs, ledger, st
         },
     )
     await sqs.send(url, {"event_type": "email_send", "workspace_id": workspace, "value": 7})  # not metered here
-    async with running(settings_for(source, stripe_double)) as daemon:
+    async with running(settings_for(source, stripe_double, meter_api)) as daemon:
         acked = daemon.metrics.processed.labels(source["name"], "ack")
         await wait_for(lambda: acked._value.get() == 4, timeout=20, what="4 acked")
     events = {e["identifier"]: e for e in stripe_double.meter_events}
@@ -135,8 +134,14 @@ async def test_seed_004_usage_events_become_one_meter_event_each(sqs, ledger, st
         {"stripe_customer_id": "cus_workspace", "value": "1"},
     )
     assert events[f"wa_msg_457-{workspace}"]["payload"]["stripe_customer_id"] == "cus_explicit"
-    keys = {r.headers["Idempotency-Key"] for r in stripe_double.requests}
-    assert keys == {f"billingd-meter-{identifier}" for identifier in events}
+    if meter_api == "v1":  # one call each, its Idempotency-Key derived from the identifier
+        keys = {r.headers["Idempotency-Key"] for r in stripe_double.requests}
+        assert keys == {f"billingd-meter-{identifier}" for identifier in events}
+    else:  # one session, then stream requests carrying every event
+        paths = [r.path for r in stripe_double.requests]
+        assert paths[0] == "/v2/billing/meter_event_session"
+        assert set(paths[1:]) == {"/v2/billing/meter_event_stream"}
+        assert sum(stripe_double.stream_requests) == 3
     assert (await ledger.counter(workspace, "ai_credits"))[0] == 2_500_000  # exact: 2.5 units in micro-units
     assert (await ledger.counter(workspace, "whatsapp_message"))[0] == 4 * MICROS
     assert (await ledger.counter(workspace, "email_send"))[0] == 7 * MICROS
@@ -192,7 +197,8 @@ async def test_missing_entitlement_is_retried_then_dead_lettered(sqs, stripe_dou
     )
 
 
-async def test_a_permanent_stripe_refusal_is_dead_lettered_with_stripes_message(sqs, ledger, stripe_double):
+@pytest.mark.parametrize("meter_api", ["stream", "v1"])
+async def test_a_permanent_stripe_refusal_is_dead_lettered_with_stripes_message(sqs, ledger, stripe_double, meter_api):
     url, dlq = await sqs.queue()
     source = sqs_source("usage", url, dlq, sqs.endpoint)
     workspace = unique("ws")
@@ -202,7 +208,7 @@ async def test_a_permanent_stripe_refusal_is_dead_lettered_with_stripes_message(
         url, {"event_type": "whatsapp_message", "workspace_id": workspace, "value": 1, "idempotency_key": "r1"}
     )
     await sqs.send(url, {"event_type": "ai_credits", "workspace_id": workspace, "value": 0.5})  # not whole, no scale
-    async with running(settings_for(source, stripe_double)) as daemon:
+    async with running(settings_for(source, stripe_double, meter_api)) as daemon:
         dead = daemon.metrics.processed.labels(source["name"], "dead_letter")
         await wait_for(lambda: dead._value.get() == 2, timeout=20, what="both dead-lettered")
         await wait_for(lambda: _depth(sqs, dlq, 2), what="2 in the DLQ")

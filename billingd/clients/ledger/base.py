@@ -88,9 +88,11 @@ class RedisLedger:
             raise classify(exc) from exc
 
     async def _call(self, *command: Any) -> Any:
+        # pipelined with concurrent calls like the scripts: hundreds of workers share a few
+        # connections instead of each taking one from the pool (and exhausting it)
         try:
-            return await self.redis.execute_command(*command)
-        except _CALL_ERRORS as exc:
+            return await self._batcher.execute(*command)
+        except _SCRIPT_ERRORS as exc:
             raise classify(exc) from exc
 
 
