@@ -37,6 +37,7 @@ from billingd.sources.amqp_topology import declare, explain_precondition, redact
 from billingd.sources.amqp_wire import CONNECT_ERRORS, install_lenient_decoders, parse_attempts
 from billingd.sources.base import (
     DEPTH_INTERVAL,
+    DRAIN_CALL_TIMEOUT,
     Delivery,
     Settlement,
     SourceEvents,
@@ -44,8 +45,11 @@ from billingd.sources.base import (
     SourceUnavailable,
 )
 from billingd.sources.codecs import UndecodableBody, decode_body
+from billingd.sources.deadlines import CallDeadlines
 from billingd.sources.letters import ATTEMPTS_HEADER
 
+#: The longest `close()` waits for the broker once intake has stopped (seconds).
+CLOSE_TIMEOUT = DRAIN_CALL_TIMEOUT
 log = structlog.get_logger("billingd.sources.amqp")
 install_lenient_decoders()  # one hostile header must not close the connection (see amqp_wire)
 
@@ -77,7 +81,8 @@ class AmqpSource:
         self._consumer_channel: aiormq.abc.AbstractChannel | None = None
         self._paused = False
         self._stopped = False
-        self._acknowledger = Acknowledger(settings, events)
+        self._deadlines = CallDeadlines()
+        self._acknowledger = Acknowledger(settings, events, self._deadlines)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -120,7 +125,9 @@ class AmqpSource:
         """Close the connection; unacked deliveries return to the queue."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            # a broker that stopped answering (a blackholed connection) cannot hold the stop: past
+            # the bound the socket is dropped and the broker requeues what was unacked
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT if self._stopped else 5):
                 await connection.close()
 
     def _on_connection_close(self, _connection: Any, exc: BaseException | None = None) -> None:
@@ -228,7 +235,8 @@ class AmqpSource:
     async def stop_intake(self) -> list[Delivery]:
         """Cancel the consumer; return deliveries not yet handed out (to be nacked with requeue)."""
         self._stopped = True
-        with anyio.move_on_after(10):  # bounded: a drain must not wait on a broker that is gone
+        self._deadlines.stop()
+        with anyio.move_on_after(DRAIN_CALL_TIMEOUT * 2):  # the lock, then the cancel: never the drain's time
             async with self._consumer_lock:
                 await self._cancel_consumer()
         pending = [d for d in self._buffer if not d.handle.channel.is_closed]
@@ -253,7 +261,7 @@ class AmqpSource:
         if tag is None or channel is None or channel.is_closed:
             return
         try:
-            with anyio.fail_after(5):
+            with anyio.fail_after(DRAIN_CALL_TIMEOUT if self._stopped else 5):
                 await channel.basic_cancel(tag)
             self._events.broker_request("cancel")
         except (TimeoutError, *CONNECT_ERRORS) as exc:

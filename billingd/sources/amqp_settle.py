@@ -22,6 +22,7 @@ from billingd.config.model import AmqpSourceSettings
 from billingd.sources.acks import AckPlan
 from billingd.sources.amqp_wire import CONNECT_ERRORS, encodable_headers, persistent_copy
 from billingd.sources.base import Disposition, Settlement, SourceEvents
+from billingd.sources.deadlines import CallDeadlines
 from billingd.sources.letters import ATTEMPTS_HEADER, amqp_annotations
 
 log = structlog.get_logger("billingd.sources.amqp")
@@ -32,10 +33,13 @@ PUBLISH_TIMEOUT = 10.0
 class Acknowledger:
     """Settles the deliveries of one AMQP source (see module docstring)."""
 
-    def __init__(self, settings: AmqpSourceSettings, events: SourceEvents) -> None:
+    def __init__(
+        self, settings: AmqpSourceSettings, events: SourceEvents, deadlines: CallDeadlines | None = None
+    ) -> None:
         self.name = settings.name
         self._settings = settings
         self._events = events
+        self._deadlines = deadlines or CallDeadlines()
         self._plans: dict[aiormq.abc.AbstractChannel, AckPlan] = {}
 
     async def settle(self, settlements: Sequence[Settlement], publisher: AbstractRobustChannel | None) -> None:
@@ -109,9 +113,8 @@ class Acknowledger:
         try:
             copy = persistent_copy(message.body, properties, encodable_headers(received, ours), expiration)
             assert publisher is not None
-            await publisher.default_exchange.publish(
-                copy, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT
-            )
+            with self._deadlines.bound(f"publish to {routing_key}", PUBLISH_TIMEOUT):  # a drain waits on no broker
+                await publisher.default_exchange.publish(copy, routing_key=routing_key, mandatory=True)
         except (aio_pika.exceptions.DeliveryError, aio_pika.exceptions.PublishError, *CONNECT_ERRORS) as exc:
             log.error(
                 "amqp publish not confirmed; message requeued",

@@ -82,6 +82,12 @@ class SourceEvents(Protocol):
 
 #: Seconds between two samples of a queue's depth.
 DEPTH_INTERVAL = 15.0
+#: Once intake has stopped (a drain), the longest one broker call may take, calls already under
+#: way included (seconds): a broker or proxy that holds its answers must not hold the drain. What
+#: could not be settled in time comes back from the broker (visibility timeout, requeue).
+DRAIN_CALL_TIMEOUT = 0.5
+#: The longest a broker call other than a long poll may take before it (seconds).
+CALL_TIMEOUT = 10.0
 
 
 class Source(Protocol):
@@ -121,7 +127,8 @@ class Source(Protocol):
 
     async def stop_intake(self) -> list[Delivery]:
         """Stop receiving (cancel the consumer / polling) and return deliveries received but
-        not yet handed out by `receive`; the caller releases them."""
+        not yet handed out by `receive`; the caller releases them. From now on every broker call
+        (those under way included) takes at most `DRAIN_CALL_TIMEOUT`."""
         ...
 
     async def settle(self, settlements: Sequence[Settlement]) -> None:

@@ -51,6 +51,7 @@ from billingd.sources.base import (
     SourceUnavailable,
 )
 from billingd.sources.codecs import UndecodableBody, decode_body
+from billingd.sources.deadlines import CallDeadlines
 from billingd.sources.sqs_calls import SqsCalls
 from billingd.sources.sqs_client import sqs_client
 from billingd.sources.sqs_wire import TRANSIENT as _TRANSIENT
@@ -61,6 +62,7 @@ log = structlog.get_logger("billingd.sources.sqs")
 MAX_BATCH = SQS_MAX_BATCH
 MAX_VISIBILITY = SQS_MAX_VISIBILITY
 RECEIVE_LEASE = 3  # seconds: the visibility a message is received with, before the heartbeat extends it
+CLOSE_TIMEOUT = 2.0  # seconds: the longest close() spends releasing what it holds
 UNCOUNTED_MEMORY = 100_000
 _MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
 
@@ -97,7 +99,8 @@ class SqsSource:
         self._uncounted: OrderedDict[str, int] = OrderedDict()
         self._resumed = anyio.Event()
         self._resumed.set()
-        self._calls = SqsCalls(settings, self._call)
+        self._deadlines = CallDeadlines()
+        self._calls = SqsCalls(settings, self._call, lambda: self._deadlines.stopping)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -148,20 +151,35 @@ class SqsSource:
         """Release every message still held (visibility 0: back at once, never deleted), then close.
 
         After a drain nothing is held; after an abort (drain timeout) this is how the messages of
-        the cancelled handlers go back to the queue."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        the cancelled handlers go back to the queue. Each release call takes at most
+        `DRAIN_CALL_TIMEOUT` and the whole close at most `CLOSE_TIMEOUT`: what SQS did not
+        answer for comes back when its visibility ends."""
+        self._deadlines.stop()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
             held, self._held = list(self._held.values()), {}
             if held and self._client is not None:
+                released = 0
                 for start in range(0, len(held), MAX_BATCH):
-                    await self._calls.change_visibility([(h.message, 0) for h in held[start : start + MAX_BATCH]])
-                log.info("released messages still held", source=self.name, count=len(held))
+                    chunk = held[start : start + MAX_BATCH]
+                    released += len(await self._calls.change_visibility([(h.message, 0) for h in chunk]))
+                log.info("released messages still held", source=self.name, count=len(held), released=released)
             await self._stack.aclose()
         self._client = None
 
     async def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        """One API call. Every call but a long poll is bounded by `CALL_TIMEOUT`, and by
+        `DRAIN_CALL_TIMEOUT` once intake has stopped (calls under way included).
+
+        Raises:
+            TimeoutError: past its bound (transient, like any unanswered call).
+        """
         self._events.broker_request(operation)
         method = getattr(self._client, _snake(operation))
-        response: dict[str, Any] = await method(**kwargs)
+        if operation == "ReceiveMessage":  # bounded by its wait time; cancelled when intake stops
+            response: dict[str, Any] = await method(**kwargs)
+            return response
+        with self._deadlines.bound(f"SQS {operation}"):
+            response = await method(**kwargs)
         return response
 
     # -- intake ------------------------------------------------------------------------------
@@ -219,7 +237,9 @@ class SqsSource:
             return Delivery(b"", message_id, 1, {}, message, None, f"unreadable SQS message: {exc!r}"[:500])
 
     async def stop_intake(self) -> list[Delivery]:
-        """Stop polling (a long poll in progress is cancelled by the actor). Nothing is buffered."""
+        """Stop polling (a long poll in progress is cancelled by the actor) and bound every call
+        from now on, those under way too, by `DRAIN_CALL_TIMEOUT`. Nothing is buffered."""
+        self._deadlines.stop()
         return []
 
     async def pause(self) -> None:

@@ -20,16 +20,22 @@ log = structlog.get_logger("billingd.sources.sqs")
 class SqsCalls:
     """Batch calls on one source's queue and DLQ; `call(operation, **kwargs)` makes one API call."""
 
-    def __init__(self, settings: SqsSourceSettings, call: Callable[..., Awaitable[dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        settings: SqsSourceSettings,
+        call: Callable[..., Awaitable[dict[str, Any]]],
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.name = settings.name
         self._settings = settings
         self._call = call
+        self._draining = draining
 
     async def delete(self, messages: list[dict[str, Any]]) -> None:
         """`DeleteMessageBatch` (failed entries deleted one by one)."""
         entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
         failed = await self._batch("DeleteMessageBatch", entries)
-        for entry in failed:
+        for entry in failed or ():
             await self._single("DeleteMessage", ReceiptHandle=entry["ReceiptHandle"])
 
     async def change_visibility(self, changes: list[tuple[dict[str, Any], int]]) -> set[str]:
@@ -39,6 +45,8 @@ class SqsCalls:
             for i, (m, seconds) in enumerate(changes)
         ]
         failed = await self._batch("ChangeMessageVisibilityBatch", entries)
+        if failed is None:
+            return set()
         done = {e["ReceiptHandle"] for e in entries} - {e["ReceiptHandle"] for e in failed}
         for entry in failed:
             if await self._single(
@@ -49,13 +57,26 @@ class SqsCalls:
                 done.add(entry["ReceiptHandle"])
         return done
 
-    async def _batch(self, operation: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Run a batch call; return the entries to retry one by one (transient failures)."""
+    async def _batch(self, operation: str, entries: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """Run a batch call; return the entries to retry one by one (transient failures), or None
+        when the call went unanswered while draining (nothing is retried: see below)."""
         if not entries:
             return []
         try:
             response = await self._call(operation, QueueUrl=self._settings.queue_url, Entries=entries)
         except (ClientError, *_TRANSIENT) as exc:
+            if self._draining() and not isinstance(exc, ClientError):
+                # SQS (or a proxy) is not answering and the drain has no time for ten more calls:
+                # these messages come back when their visibility ends (a delete's effect is done,
+                # so its redelivery is acked as a duplicate)
+                log.warning(
+                    "sqs batch call unanswered while draining; its messages return with their visibility",
+                    source=self.name,
+                    operation=operation,
+                    entries=len(entries),
+                    error=str(exc) or type(exc).__name__,
+                )
+                return None
             log.warning(
                 "sqs batch call failed; retrying entries one by one",
                 source=self.name,

@@ -8,7 +8,10 @@ processors → acknowledger, joined by bounded anyio memory streams.
 * pauser: stops intake while a breaker the handler uses is open.
 
 `drain()` stops intake at once; unstarted deliveries are released, in-flight handlers finish,
-settlements are flushed, and `run()` returns. `abort()` (at `drain_timeout`) cancels the
+settlements are flushed, and `run()` returns. Each step is logged at debug (`drain step`, with
+the seconds since the drain began): `intake stopped`, `unstarted released`, `workers done`,
+`settler flushed`, `source closed`; broker calls made while draining are bounded by
+`billingd.sources.base.DRAIN_CALL_TIMEOUT`. `abort()` (at `drain_timeout`) cancels the
 workers; what they held is released when the source closes (AMQP requeues unacked deliveries
 with the channel; the SQS source releases every message it still holds), never acked.
 """
@@ -82,6 +85,7 @@ class SourceActor:
         self._reconnect = reconnect
         self._rng = rng or random.Random()
         self._stopping = anyio.Event()
+        self._drain_began: float | None = None
         self._intake_scope = anyio.CancelScope()
         self._connecting: anyio.CancelScope | None = None
         self._workers_scope: anyio.CancelScope | None = None
@@ -101,6 +105,7 @@ class SourceActor:
         """Stop intake; let in-flight handlers finish; `run()` returns when all is settled."""
         if self._stopping.is_set():
             return
+        self._drain_began = anyio.current_time()
         self._stopping.set()
         self._intake_scope.cancel()
         if self._connecting is not None:
@@ -157,9 +162,15 @@ class SourceActor:
                 raise
             finally:
                 await self.source.close()
+                self._drain_step("source closed")
                 self.reporter.stopped()
             return
         self.reporter.stopped()
+
+    def _drain_step(self, step: str, **fields: object) -> None:
+        """Log one step of a drain with the seconds since it began (debug)."""
+        if self._drain_began is not None:
+            self._log.debug("drain step", step=step, after=round(anyio.current_time() - self._drain_began, 3), **fields)
 
     async def _pipeline(self) -> None:
         s = self.settings
@@ -183,6 +194,8 @@ class SourceActor:
                     for _, recv in lanes:
                         recv.close()
                     await self._intake([send for send, _ in lanes])
+                self._drain_step("workers done")
+            self._drain_step("settler flushed")
             outer.cancel_scope.cancel()
 
     def _settled(self, batch: list[Settlement]) -> None:
@@ -199,12 +212,14 @@ class SourceActor:
                         receivers.start_soon(self._receiver, lanes)
         finally:
             self._stopping.set()  # intake has ended, however: workers release what is unstarted
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):  # stop_intake bounds its own broker calls
                 leftover = await self.source.stop_intake()
+                self._drain_step("intake stopped", leftover=len(leftover))
                 self._window.take(len(leftover))
                 await self._dispatch(leftover, lanes)
                 for lane in lanes:
                     await lane.aclose()
+                self._drain_step("unstarted released")
 
     async def _receiver(self, lanes: list[MemoryObjectSendStream[Delivery]]) -> None:
         failures = 0
