@@ -1,4 +1,4 @@
-"""Replaying `shared/fixtures/jasmin-0.11.1` onto RabbitMQ exactly as Jasmin published it.
+"""Replaying `tests/fixtures/jasmin-0.11.1` onto RabbitMQ exactly as Jasmin published it.
 
 Every captured message goes out with its routing key, its properties and its headers *with the
 AMQP types Jasmin used* (`S` long strings — raw bytes for pickles — and `I` ints), which pamqp
@@ -22,7 +22,7 @@ from pamqp import encode
 
 from tests.hostile import RawProperties
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "jasmin-0.11.1"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "jasmin-0.11.1"
 CAPTURE = FIXTURES / "real-capture.jsonl"
 STOCK = FIXTURES / "real-capture.stock.jsonl"
 

@@ -1,4 +1,5 @@
-"""Seed 002 message examples (`../shared/seeds/002_c8e0a426068be187.txt`), as test data."""
+"""Seed 002 message examples (the SMS billing system billingd replaces; formats in
+docs/architecture.md §5 and docs/handlers.md), as test data."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Jasmin's native AMQP messages, as a live jasmind 0.11.1 publishes them (DESIGN §8 "real
-producers win"; `shared/fixtures/jasmin-0.11.1/README.md`; Jasmin's `jasmin/managers/content.py`
+producers win"; `tests/fixtures/jasmin-0.11.1/README.md`; Jasmin's `jasmin/managers/content.py`
 and `listeners.py`). No JSON: the facts are in the AMQP `message_id`, a bare body and headers.
 
 * `bill_request.submit_sm_resp.<uid>` (exchange `billing`): message_id and body = the bill id;

@@ -140,7 +140,7 @@ _SMPP_ENUMS = tuple(
 )
 
 #: Every global a Jasmin pickle may name → its stand-in. The list is the union of what the
-#: captured 0.11.1 traffic names (`shared/fixtures/jasmin-0.11.1`, `pickle.globals`).
+#: captured 0.11.1 traffic names (`tests/fixtures/jasmin-0.11.1`, `pickle.globals`).
 ALLOWED: dict[str, Any] = {
     **{name: _stand_in(name) for name in _JASMIN + _SMPP_OBJECTS},
     **{name: _enum(name) for name in _SMPP_ENUMS},

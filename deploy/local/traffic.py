@@ -5,7 +5,7 @@
 * seed 002 (RabbitMQ): Jasmin bill events on exchange `billing` (mostly ESME_ROK, some refunds)
   and DLRs on `messaging` (ACCEPTD then a final status, sometimes out of order), in the seed's
   JSON; and the same traffic as a real Jasmin 0.11.1 publishes it, built from
-  `shared/fixtures/jasmin-0.11.1` with fresh ids (`submit.sm.*` with pickled bills,
+  `tests/fixtures/jasmin-0.11.1` with fresh ids (`submit.sm.*` with pickled bills,
   `dlr.submit_sm_resp`, `bill_request.submit_sm_resp.<uid>`, `dlr.deliver_sm`; some submissions
   fail and are refunded), on exchanges declared as Jasmin declares them (non-durable);
 * seed 001 (SQS `billing-usage-events`): entitlement usage for a few users (the entitlements are

@@ -1,4 +1,4 @@
-"""A real Jasmin's traffic, replayed unchanged (`shared/fixtures/jasmin-0.11.1`), on real RabbitMQ
+"""A real Jasmin's traffic, replayed unchanged (`tests/fixtures/jasmin-0.11.1`), on real RabbitMQ
 and Redis: charges, refunds and CDRs as the capture says happened; nothing Jasmin sent in good
 faith dead-lettered; a second replay changes nothing; exchanges declared the way Jasmin does."""
 

@@ -1,4 +1,4 @@
-"""Jasmin's native formats (shared/fixtures/jasmin-0.11.1) and the restricted unpickler."""
+"""Jasmin's native formats (tests/fixtures/jasmin-0.11.1) and the restricted unpickler."""
 
 from __future__ import annotations
 
