@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -27,18 +29,8 @@ class RedisClusterServer:
 
     def start(self) -> None:
         for port in self.ports:
-            node = self.directory / str(port)
-            node.mkdir()
-            subprocess.run(
-                [
-                    "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
-                    "--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf"),
-                    "--cluster-node-timeout", str(self.node_timeout_ms), "--appendonly", "yes",
-                    "--appendfsync", "always", "--save", "", "--dir", str(node),
-                    "--pidfile", str(node / "redis.pid"), "--logfile", str(node / "redis.log"),
-                ],
-                check=True,
-            )  # fmt: skip
+            (self.directory / str(port)).mkdir()
+            self._start_node(port)
         self._wait(lambda: all(self.cli(p, "ping") == "PONG" for p in self.ports), "nodes up")
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
@@ -47,6 +39,38 @@ class RedisClusterServer:
             capture_output=True,
         )  # fmt: skip
         self._wait(self._ok, "cluster_state:ok on every node")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on `port` (no graceful failover: the cluster must notice and promote)."""
+        pid = int((self.directory / str(port) / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again: it rejoins (as a replica of whoever took its slots)."""
+        (self.directory / str(port) / "redis.pid").unlink(missing_ok=True)
+        self._start_node(port)
+        self._wait(lambda: self.cli(port, "ping") == "PONG", "node back")
+        self._wait(self._ok, "cluster ok after the restart", 60)
+
+    def wait_promoted(self, port: int, timeout: float = 30) -> None:
+        """Wait until the cluster has replaced the dead master on `port` and is ok again."""
+        alive = [p for p in self.ports if p != port]
+        self._wait(
+            lambda: all("cluster_state:ok" in self.cli(p, "cluster", "info") for p in alive), "promoted", timeout
+        )
+
+    def _start_node(self, port: int) -> None:
+        node = self.directory / str(port)
+        subprocess.run(
+            [
+                "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
+                "--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf"),
+                "--cluster-node-timeout", str(self.node_timeout_ms), "--appendonly", "yes",
+                "--appendfsync", "always", "--save", "", "--dir", str(node),
+                "--pidfile", str(node / "redis.pid"), "--logfile", str(node / "redis.log"),
+            ],
+            check=True,
+        )  # fmt: skip
 
     def cli(self, port: int, *args: str) -> str:
         """Run `redis-cli -p port args…`; its output, stripped."""

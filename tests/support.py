@@ -335,10 +335,12 @@ class RedisServer:
     AOF is on so that data written before a stop is there after the restart.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, *extra: str) -> None:
         self.port = free_port()
         self.directory = directory
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra = list(extra)
+        """More `redis-server` arguments (e.g. `--replicaof 127.0.0.1 <port>`)."""
 
     async def start(self) -> None:
         await anyio.run_process(
@@ -362,6 +364,7 @@ class RedisServer:
                 f"{self.directory}/redis.pid",
                 "--logfile",
                 f"{self.directory}/redis.log",
+                *self.extra,
             ],
             check=True,
         )

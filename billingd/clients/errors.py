@@ -33,7 +33,12 @@ class DownstreamError(Exception):
 
 
 class DownstreamUnavailable(DownstreamError):
-    """A transient failure: the same call may succeed later."""
+    """A transient failure: the same call may succeed later. `counts` False: its retry is not an
+    attempt (the effect happened but is not yet durable enough to ack, e.g. Redis replicas behind)."""
+
+    def __init__(self, downstream: str, detail: str, *, counts: bool = True) -> None:
+        super().__init__(downstream, detail)
+        self.counts = counts
 
 
 class CircuitOpen(DownstreamUnavailable):

@@ -50,7 +50,8 @@ class Clients:
     @cached_property
     def batcher(self) -> CommandBatcher:
         """Pipelines the scripts of every ledger together."""
-        return CommandBatcher(self.redis)
+        s = self._redis_settings
+        return CommandBatcher(self.redis, replicas=s.min_replicas_acked, replica_timeout=float(s.wait_timeout))
 
     @cached_property
     def sms_ledger(self) -> SmsLedger:

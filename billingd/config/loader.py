@@ -18,7 +18,7 @@ import msgspec
 
 from billingd.config.durations import Duration
 from billingd.config.env import expand_tree
-from billingd.config.model import SQS_MAX_VISIBILITY, SQS_MAX_WAIT, Settings, SqsSourceSettings
+from billingd.config.model import SQS_MAX_VISIBILITY, SQS_MAX_WAIT, AmqpSourceSettings, Settings, SqsSourceSettings
 
 T = TypeVar("T")
 
@@ -135,7 +135,25 @@ def semantic_errors(settings: Settings) -> list[str]:
                 errors.append(
                     f"{path}.visibility_timeout: expected between 1s and 12h, got {source.visibility_timeout:g}s"
                 )
+        else:
+            errors += _amqp_errors(source, path)
     return errors
+
+
+def _amqp_errors(source: AmqpSourceSettings, path: str) -> list[str]:
+    """An AMQP source's queue type, as `queue_type` and `queue_arguments` may both give it."""
+    declared = source.queue_arguments.get("x-queue-type")
+    if declared is not None and declared not in ("classic", "quorum"):
+        return [
+            f'{path}.queue_arguments."x-queue-type": expected "classic" or "quorum", got {declared!r} '
+            "(a stream is not a work queue: billingd cannot ack its messages one by one)"
+        ]
+    if declared is not None and source.queue_type is not None and declared != source.queue_type:
+        return [
+            f'{path}.queue_type: {source.queue_type!r} but queue_arguments."x-queue-type" is {declared!r}: '
+            "keep one of them"
+        ]
+    return []
 
 
 def _secrets_from_env(raw: dict[str, Any], from_env: set[str]) -> list[str]:

@@ -80,12 +80,19 @@ class RedisSettings(_Section, frozen=True):
     """`[redis]`: the ledger's Redis. `timeout` bounds connect and every command (seconds).
 
     `cluster = true`: `url` names any node of a Redis Cluster (database 0), the client discovers
-    the others and follows MOVED/ASK redirections and failovers (redis-py's `RedisCluster`)."""
+    the others and follows MOVED/ASK redirections and failovers (redis-py's `RedisCluster`).
+    `min_replicas_acked = N`: writes must reach N replicas (`WAIT N wait_timeout`) before the
+    message is acked, so a failover cannot lose an acked message's effect."""
 
     url: str = "redis://127.0.0.1:6379/0"
     timeout: Duration = Duration(2)
     max_connections: PositiveInt = 64
     cluster: bool = False
+    min_replicas_acked: Annotated[int, Meta(ge=0, le=16)] = 0
+    """Before a message is acked, wait until this many replicas of each node that took its
+    writes have them (`WAIT`); 0: ack once the master has them."""
+    wait_timeout: Duration = Duration(1)
+    """The longest `WAIT` waits; past it the message is retried (transient), never acked."""
 
 
 RequestRate = Annotated[float, Meta(ge=0, le=100_000)]
@@ -256,6 +263,15 @@ class AmqpSourceSettings(SourceSettings, frozen=True, tag="amqp", kw_only=True):
     queue: Annotated[str, Meta(min_length=1, max_length=250)]
     routing_keys: list[str] = field(default_factory=list)
     queue_arguments: dict[str, Any] = field(default_factory=dict)
+    queue_type: Literal["classic", "quorum"] | None = None
+    """The queue's type, and its `.retry` and `.dlq`'s: `quorum` (replicated over the cluster's
+    nodes: survives the death of one) or `classic`. Unset: `queue_arguments."x-queue-type"`, else
+    classic."""
+
+    @property
+    def kind(self) -> str:
+        """The effective queue type: `quorum` or `classic`."""
+        return self.queue_type or str(self.queue_arguments.get("x-queue-type") or "classic")
 
 
 AnySource = SqsSourceSettings | AmqpSourceSettings

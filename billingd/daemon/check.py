@@ -38,6 +38,8 @@ def describe(settings: Settings, handlers: Mapping[str, HandlerSpec[Any]]) -> li
     """Lines about each source: the meter map of `usage` sources (case-insensitive matching)."""
     lines = []
     for source in settings.sources:
+        if isinstance(source, AmqpSourceSettings):
+            lines.append(_amqp_line(source))
         if source.handler != "usage":
             continue
         options = _options(source, handlers)
@@ -48,6 +50,21 @@ def describe(settings: Settings, handlers: Mapping[str, HandlerSpec[Any]]) -> li
             f"other event types: {options.unmapped}"
         )
     return lines
+
+
+def _amqp_line(source: AmqpSourceSettings) -> str:
+    """The queue type of an AMQP source, and what RabbitMQ may remove from it."""
+    from billingd.sources.amqp_topology import at_most_once
+
+    line = f"  {source.name}: {source.kind} queues ({source.queue}, .retry, .dlq)"
+    if source.kind == "classic":
+        return line + "; a classic queue lives on one node: its death takes the queue's messages with it"
+    if at_most_once(source):
+        return line + (
+            f"; WARNING: x-overflow = {source.queue_arguments.get('x-overflow')!r} makes RabbitMQ dead-letter at "
+            "most once (a node dying mid-way loses the message): use reject-publish"
+        )
+    return line + "; what RabbitMQ removes (delivery limit, expiry, overflow) is dead-lettered at least once into .dlq"
 
 
 async def broker_warnings(

@@ -89,7 +89,11 @@ def death_reason(headers: Mapping[str, Any]) -> str:
         return ""
     death = deaths[0]
     reason = str(death.get("reason", ""))
-    what = {"expired": "expired (x-message-ttl)", "maxlen": "maxlen (x-max-length overflow)"}.get(reason, reason)
+    what = {
+        "expired": "expired (x-message-ttl)",
+        "maxlen": "maxlen (x-max-length overflow)",
+        "delivery_limit": "delivery_limit (redelivered more often than the quorum queue's x-delivery-limit)",
+    }.get(reason, reason)
     return f"dropped by RabbitMQ from {death.get('queue', '?')}: {what}"
 
 

@@ -35,7 +35,7 @@ def outcome_of(
     if isinstance(exc, Throttled):  # back-pressure (a 429, the shared budget): never an attempt
         return Retry(str(exc), delay=exc.retry_after + rng.uniform(0, retry_initial), counted=False)
     if isinstance(exc, DownstreamUnavailable):
-        return Retry(str(exc), counted=not blocking(exc.downstream))
+        return Retry(str(exc), counted=exc.counts and not blocking(exc.downstream))
     if isinstance(exc, DownstreamRejected):
         return DeadLetter(str(exc))
     if isinstance(exc, Busy):  # a duplicate of work in progress: come back later, uncounted

@@ -99,6 +99,10 @@ class RedisLedger:
 def classify(exc: BaseException) -> DownstreamError:
     """A redis-py error as transient (`DownstreamUnavailable`) or permanent (`DownstreamRejected`)."""
     detail = f"{type(exc).__name__}: {exc}"[:500]
+    if isinstance(exc, ResponseError) and str(exc).startswith("NOREPLICAS"):
+        # the effect is on the master, not yet on enough replicas (`min_replicas_acked`): retried
+        # until it is (idempotent), never an attempt — a replica outage must not dead-letter it
+        return DownstreamUnavailable("redis", detail, counts=False)
     if isinstance(exc, (*TRANSIENT_REDIS_ERRORS, BatchAborted)) or (
         isinstance(exc, ResponseError) and is_transient_reply(exc)
     ):

@@ -16,14 +16,25 @@ idempotent, so one that did run is harmless). Each command's reply or error is i
 failing script does not fail the others in its pipeline, and arguments are encoded by each
 caller before its command joins a pipeline, so a value Redis cannot take (a 5,000-digit number)
 fails that caller alone (DESIGN §8).
+
+With `min_replicas_acked = N` (`[redis]`), a pipeline that ran script calls (the effects) is
+followed, on each node it wrote to, by a probe write and `WAIT N timeout` on one connection: the
+probe moves that connection's replication offset past every write the node had taken, ours
+included, so `WAIT` returns once N replicas hold them. One extra round trip per node per batch,
+not per message. Fewer than N replicas in time → every script call of that node gets a
+`NOREPLICAS` error: transient, retried (the scripts are idempotent), never acked.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import anyio
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import DataError, NoScriptError, ResponseError
@@ -68,8 +79,12 @@ class _Batch:
 class CommandBatcher:
     """Coalesces concurrent commands into pipelines of at most `max_batch` (see module docstring)."""
 
-    def __init__(self, redis: RedisClient, max_batch: int = 256) -> None:
+    def __init__(
+        self, redis: RedisClient, max_batch: int = 256, replicas: int = 0, replica_timeout: float = 1.0
+    ) -> None:
         self._redis = redis
+        self._replicas = replicas
+        self._replica_timeout_ms = max(1, int(replica_timeout * 1000))
         self._encode = redis.get_encoder().encode
         self._max_batch = max_batch
         self._pending: _Batch | None = None  # the batch still taking calls
@@ -165,12 +180,15 @@ class CommandBatcher:
             replies = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 — handed to every caller, who classifies it
             replies = [exc] * len(entries)
+        for i, (entry, reply) in enumerate(zip(entries, replies, strict=True)):
+            if isinstance(entry, list) and isinstance(reply, NoScriptError):
+                replies[i] = await self._run_reloaded(entry)  # Redis lost its script cache: load it once
+        if self._replicas:
+            await self._wait_for_replicas(entries, replies)  # after every write of the batch, reloads included
         for entry, reply in zip(entries, replies, strict=True):
             if isinstance(entry, _Call):
                 entry.answer(reply)
                 continue
-            if isinstance(reply, NoScriptError):  # Redis lost its script cache: load the batch script once
-                reply = await self._run_reloaded(entry)
             if isinstance(reply, list) and len(reply) == len(entry):
                 for call, one in zip(entry, reply, strict=True):
                     call.answer(one)
@@ -178,6 +196,69 @@ class CommandBatcher:
                 error = reply if isinstance(reply, BaseException) else ResponseError(f"batched script: {reply!r}")
                 for call in entry:
                     call.answer(error)
+
+    async def _wait_for_replicas(self, entries: list[_Call | list[_Call]], replies: list[Any]) -> None:
+        """`WAIT` on each node the script calls of this pipeline wrote to; where too few replicas
+        took the writes in time, their replies become `NOREPLICAS` errors (see module docstring)."""
+        by_node: dict[Any, list[int]] = {}
+        probes: dict[Any, bytes] = {}
+        for i, entry in enumerate(entries):
+            first = entry[0] if isinstance(entry, list) else entry
+            if first.script is None or isinstance(replies[i], BaseException):
+                continue
+            key = first.keys[0] if first.keys else b"billingd:probe"
+            node = self._redis.get_node_from_key(key) if isinstance(self._redis, RedisCluster) else None  # type: ignore[arg-type]  # bytes work
+            by_node.setdefault(node, []).append(i)
+            probes.setdefault(node, _probe_key(key))
+        if not by_node:
+            return
+        acked: dict[Any, int | BaseException] = {}
+
+        async def wait(node: Any) -> None:
+            acked[node] = await self._wait_on(node, probes[node])
+
+        async with anyio.create_task_group() as tg:
+            for node in by_node:
+                tg.start_soon(wait, node)
+        for node, indexes in by_node.items():
+            replicas = acked[node]
+            if isinstance(replicas, int) and replicas >= self._replicas:
+                continue
+            why = replicas if isinstance(replicas, BaseException) else f"{replicas} replica(s) acknowledged"
+            error = ResponseError(
+                f"NOREPLICAS fewer than {self._replicas} replicas took the writes within "
+                f"{self._replica_timeout_ms} ms ({why}): not acked"
+            )
+            for i in indexes:
+                entry = entries[i]
+                replies[i] = [error] * len(entry) if isinstance(entry, list) else error
+
+    async def _wait_on(self, node: Any, probe: bytes) -> int | BaseException:
+        """Probe write + `WAIT` on one connection of `node` (None: the single Redis)."""
+        commands = [("SET", probe, b"1", "PX", 60_000), ("WAIT", self._replicas, self._replica_timeout_ms)]
+        try:
+            if node is None:
+                assert isinstance(self._redis, Redis)
+                pool = self._redis.connection_pool
+                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+                release = partial(pool.release, connection)
+            else:
+                connection = node.acquire_connection()
+                release = partial(node.release, connection)
+            try:
+                await connection.send_packed_command(connection.pack_commands(commands))
+                await connection.read_response()
+                replicas = await connection.read_response()
+            except BaseException:
+                await connection.disconnect()
+                raise
+            finally:
+                result = release()
+                if inspect.isawaitable(result):  # the single pool's release is a coroutine, a node's is not
+                    await result
+            return int(replicas)
+        except Exception as exc:  # noqa: BLE001 — reported as NOREPLICAS for the node's calls
+            return exc
 
     def _group(self, calls: list[_Call]) -> list[_Call | list[_Call]]:
         """Script calls of one script (and one cluster slot) together; everything else alone."""
@@ -212,3 +293,12 @@ class CommandBatcher:
             return await self._redis.execute_command(*self._batched_command(group))
         except Exception as exc:  # noqa: BLE001 — handed to every caller of the group
             return exc
+
+
+_TAG = re.compile(rb"\{([^}]+)\}")
+
+
+def _probe_key(key: bytes) -> bytes:
+    """A key in the same cluster slot as `key` (its hash tag, else the key itself as the tag)."""
+    match = _TAG.search(key)
+    return b"billingd:probe:{" + (match.group(1) if match else key) + b"}"
