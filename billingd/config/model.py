@@ -253,7 +253,9 @@ class SqsSourceSettings(SourceSettings, frozen=True, tag="sqs", kw_only=True):
 class AmqpSourceSettings(SourceSettings, frozen=True, tag="amqp", kw_only=True):
     """A RabbitMQ queue bound to an exchange (`type = "amqp"`)."""
 
-    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    url: str | Annotated[list[str], Meta(min_length=1)] = "amqp://guest:guest@127.0.0.1:5672/"
+    """The broker, or the nodes of a RabbitMQ cluster (a list): billingd connects to one and
+    moves to the next when it is lost."""
     exchange: str
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
     exchange_declare: Literal["durable", "transient", "passive"] = "durable"
@@ -267,6 +269,11 @@ class AmqpSourceSettings(SourceSettings, frozen=True, tag="amqp", kw_only=True):
     """The queue's type, and its `.retry` and `.dlq`'s: `quorum` (replicated over the cluster's
     nodes: survives the death of one) or `classic`. Unset: `queue_arguments."x-queue-type"`, else
     classic."""
+
+    @property
+    def urls(self) -> list[str]:
+        """`url` as a list of node URLs."""
+        return [self.url] if isinstance(self.url, str) else list(self.url)
 
     @property
     def kind(self) -> str:

@@ -30,8 +30,10 @@ import anyio
 import structlog
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
+from yarl import URL
 
 from billingd.config.model import AmqpSourceSettings
+from billingd.sources.amqp_nodes import NodeConnection
 from billingd.sources.amqp_settle import Acknowledger
 from billingd.sources.amqp_topology import declare, explain_precondition, redact
 from billingd.sources.amqp_wire import CONNECT_ERRORS, install_lenient_decoders, parse_attempts
@@ -48,6 +50,8 @@ from billingd.sources.codecs import UndecodableBody, decode_body
 from billingd.sources.deadlines import CallDeadlines
 from billingd.sources.letters import ATTEMPTS_HEADER
 
+#: Seconds between two attempts to reach a lost broker (the next node of a cluster each time).
+RECONNECT_INTERVAL = 1.0
 #: The longest `close()` waits for the broker once intake has stopped (seconds).
 CLOSE_TIMEOUT = DRAIN_CALL_TIMEOUT
 log = structlog.get_logger("billingd.sources.amqp")
@@ -82,7 +86,9 @@ class AmqpSource:
         self._paused = False
         self._stopped = False
         self._deadlines = CallDeadlines()
-        self._acknowledger = Acknowledger(settings, events, self._deadlines)
+        self._acknowledger = Acknowledger(settings, events, self._deadlines, self._unblocked)
+        self._node_index = 0
+        self._blocked = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -94,12 +100,7 @@ class AmqpSource:
             SourceMisconfigured: PRECONDITION_FAILED — an existing queue or exchange differs.
         """
         s = self._settings
-        try:
-            self._connection = await aio_pika.connect_robust(
-                s.url, timeout=CONNECT_TIMEOUT, client_properties={"connection_name": f"billingd {s.name}"}
-            )
-        except CONNECT_ERRORS as exc:
-            raise SourceUnavailable(f"cannot connect to {redact(s.url)}: {exc or type(exc).__name__}") from exc
+        self._connection = await self._connect_any(s.urls)
         self._connection.close_callbacks.add(self._on_connection_close)
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         try:
@@ -116,6 +117,50 @@ class AmqpSource:
             await self.close()
             raise SourceUnavailable(f"declaring {s.queue!r} failed: {exc or type(exc).__name__}") from exc
         self._events.connection_changed(True, "")
+
+    async def _connect_any(self, urls: list[str]) -> NodeConnection:
+        """A robust connection to the first node of `urls` that answers, starting after the node
+        last in use (a cluster: see `billingd.sources.amqp_nodes`).
+
+        Raises:
+            SourceUnavailable: no node could be reached.
+        """
+        errors: list[str] = []
+        start = self._node_index
+        for step in range(len(urls)):
+            index = (start + step) % len(urls)
+            try:
+                connection = await aio_pika.connect_robust(
+                    urls[index],
+                    timeout=CONNECT_TIMEOUT,
+                    reconnect_interval=RECONNECT_INTERVAL,
+                    client_properties={"connection_name": f"billingd {self.name}"},
+                    connection_class=NodeConnection,
+                )
+            except CONNECT_ERRORS as exc:
+                errors.append(f"{redact(urls[index])}: {exc or type(exc).__name__}")
+                continue
+            assert isinstance(connection, NodeConnection)
+            connection.nodes = [URL(u) for u in urls]
+            connection.source = self.name
+            self._node_index = index
+            self._events.node_changed(connection.node)
+            return connection
+        raise SourceUnavailable("cannot connect to " + "; ".join(errors))
+
+    def _unblocked(self) -> asyncio.Event | None:
+        connection = self._connection
+        return connection.unblocked() if isinstance(connection, NodeConnection) else None
+
+    def _watch_blocked(self) -> None:
+        """Report a change of RabbitMQ's publishing block (`billingd_broker_blocked`, `/readyz`)."""
+        connection = self._connection
+        blocked = isinstance(connection, NodeConnection) and connection.blocked
+        if blocked != self._blocked:
+            self._blocked = blocked
+            self._events.blocked_changed(
+                "connection.blocked: a RabbitMQ resource alarm (memory or disk)" if blocked else None
+            )
 
     async def _declare(self) -> None:
         assert self._connection is not None
@@ -136,6 +181,8 @@ class AmqpSource:
         self._events.connection_changed(False, f"connection lost: {exc or 'closed'}")
 
     def _on_reconnect(self, *_args: Any) -> None:
+        if isinstance(self._connection, NodeConnection):
+            self._events.node_changed(self._connection.node)
         self._events.connection_changed(True, "")
 
     # -- intake ------------------------------------------------------------------------------
@@ -144,6 +191,7 @@ class AmqpSource:
         """The consumer watchdog (every `WATCH_INTERVAL`) and the queue-depth sample."""
         sampled = -DEPTH_INTERVAL
         while True:
+            self._watch_blocked()
             await self._ensure_consumer()
             if anyio.current_time() - sampled >= DEPTH_INTERVAL:
                 sampled = anyio.current_time()

@@ -9,11 +9,13 @@ comes back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aio_pika
 import aiormq
+import anyio
 import structlog
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
@@ -21,30 +23,48 @@ from aiormq.abc import DeliveredMessage
 from billingd.config.model import AmqpSourceSettings
 from billingd.sources.acks import AckPlan
 from billingd.sources.amqp_wire import CONNECT_ERRORS, encodable_headers, persistent_copy
-from billingd.sources.base import Disposition, Settlement, SourceEvents
+from billingd.sources.base import DRAIN_CALL_TIMEOUT, Disposition, Settlement, SourceEvents
 from billingd.sources.deadlines import CallDeadlines
 from billingd.sources.letters import ATTEMPTS_HEADER, amqp_annotations
 
 log = structlog.get_logger("billingd.sources.amqp")
 
 PUBLISH_TIMEOUT = 10.0
+#: While RabbitMQ blocks publishing (a resource alarm), the longest a retry copy or a dead letter
+#: waits for it to lift before its message is requeued instead (seconds). Acks are sent first.
+BLOCKED_WAIT = 2.0
 
 
 class Acknowledger:
     """Settles the deliveries of one AMQP source (see module docstring)."""
 
     def __init__(
-        self, settings: AmqpSourceSettings, events: SourceEvents, deadlines: CallDeadlines | None = None
+        self,
+        settings: AmqpSourceSettings,
+        events: SourceEvents,
+        deadlines: CallDeadlines | None = None,
+        unblocked: Callable[[], asyncio.Event | None] = lambda: None,
     ) -> None:
         self.name = settings.name
         self._settings = settings
         self._events = events
         self._deadlines = deadlines or CallDeadlines()
+        self._unblocked = unblocked
         self._plans: dict[aiormq.abc.AbstractChannel, AckPlan] = {}
 
     async def settle(self, settlements: Sequence[Settlement], publisher: AbstractRobustChannel | None) -> None:
         """Publish retries and dead-letters (confirmed), then ack / nack per channel with one
         `multiple=True` ack for the settled prefix. Broker errors are logged, never raised."""
+        copies = [s for s in settlements if s.disposition in (Disposition.RETRY, Disposition.DEAD_LETTER)]
+        plain = [s for s in settlements if s.disposition not in (Disposition.RETRY, Disposition.DEAD_LETTER)]
+        await self._settle_group(plain, publisher)  # acks first: a blocked publisher must not hold them
+        if copies:
+            # one wait per batch, not per copy: past it the copies' messages are requeued
+            await self._settle_group(copies, publisher, publish=await self._publishable())
+
+    async def _settle_group(
+        self, settlements: Sequence[Settlement], publisher: AbstractRobustChannel | None, publish: bool = True
+    ) -> None:
         acks: dict[aiormq.abc.AbstractChannel, list[int]] = {}
         nacks: dict[aiormq.abc.AbstractChannel, list[int]] = {}
         for s in settlements:
@@ -54,13 +74,26 @@ class Acknowledger:
                 log.error("amqp delivery without a delivery tag", message_id=s.delivery.message_id)
                 continue
             if s.disposition is Disposition.ACK or (
-                s.disposition is not Disposition.RELEASE and await self._republish(s, publisher)
+                s.disposition is not Disposition.RELEASE and publish and await self._republish(s, publisher)
             ):
                 acks.setdefault(channel, []).append(tag)
             else:
                 nacks.setdefault(channel, []).append(tag)
         for channel in acks.keys() | nacks.keys():
             await self._acknowledge(channel, acks.get(channel, []), nacks.get(channel, []))
+
+    async def _publishable(self) -> bool:
+        """False when RabbitMQ blocks publishing and does not lift it within `BLOCKED_WAIT` (the
+        messages are requeued instead: a publish now would stop RabbitMQ reading this connection,
+        acks included, until the alarm clears)."""
+        flag = self._unblocked()
+        if flag is None or flag.is_set():
+            return True
+        with anyio.move_on_after(DRAIN_CALL_TIMEOUT if self._deadlines.stopping else BLOCKED_WAIT):
+            await flag.wait()
+        if not flag.is_set():
+            log.warning("amqp publishing blocked: retry copies and dead letters requeued", source=self.name)
+        return flag.is_set()
 
     async def _acknowledge(self, channel: aiormq.abc.AbstractChannel, acks: list[int], nacks: list[int]) -> None:
         if channel.is_closed:

@@ -23,7 +23,16 @@ class AmqpTools:
         self._channel: AbstractChannel | None = None
 
     async def __aenter__(self) -> AmqpTools:
-        self._connection = await aio_pika.connect(self._settings.url, timeout=10)
+        error: Exception | None = None
+        for url in self._settings.urls:  # the first node that answers
+            try:
+                self._connection = await aio_pika.connect(url, timeout=10)
+                break
+            except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
+                error = exc
+        else:
+            assert error is not None
+            raise error
         self._channel = await self._connection.channel(publisher_confirms=True)
         return self
 

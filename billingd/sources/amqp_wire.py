@@ -31,7 +31,13 @@ from pamqp import common, decode, encode
 from pamqp.commands import Basic
 
 #: What a broker that is gone or refuses looks like to aio-pika/aiormq (transient: never a crash).
-CONNECT_ERRORS = (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError, ConnectionError)
+CONNECT_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a channel closed under us (a RuntimeError, not an AMQPError)
+    ConnectionError,
+)
 #: Largest number our own headers may take once encoded (RabbitMQ's default frame_max is 128 KiB;
 #: the whole content header, properties included, must fit in one frame).
 HEADER_BUDGET = 64 * 1024

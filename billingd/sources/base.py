@@ -75,6 +75,14 @@ class SourceEvents(Protocol):
         """`count` broker API calls of kind `operation` were made."""
         ...
 
+    def node_changed(self, node: str) -> None:
+        """The source now talks to broker node `node` (`host:port`; a cluster's node in use)."""
+        ...
+
+    def blocked_changed(self, reason: str | None) -> None:
+        """The broker blocks publishing (`reason`, e.g. a memory alarm), or no longer (None)."""
+        ...
+
     def queue_depth(self, messages: int) -> None:
         """The queue holds about `messages` messages waiting (sampled every `DEPTH_INTERVAL`)."""
         ...

@@ -30,6 +30,21 @@ class SourceReporter:
         else:
             self.log.warning("source disconnected", reason=reason)
 
+    def node_changed(self, node: str) -> None:
+        """Record the broker node in use (shown by `/readyz`, logged)."""
+        if node != self.status.node:
+            self.status.node = node
+            self.log.info("source using broker node", node=node)
+
+    def blocked_changed(self, reason: str | None) -> None:
+        """Record a broker's publishing block (`billingd_broker_blocked`, `/readyz`)."""
+        self.status.blocked = reason or ""
+        self.metrics.blocked.set(1 if reason else 0)
+        if reason:
+            self.log.warning("broker blocks publishing: retries and dead letters wait", reason=reason)
+        else:
+            self.log.info("broker publishing unblocked")
+
     def broker_request(self, operation: str, count: int = 1) -> None:
         """Count broker calls in `billingd_broker_requests_total`."""
         self.metrics.broker_request(operation, count)

@@ -60,6 +60,12 @@ class Metrics:
             ["source", "operation"],
             registry=r,
         )
+        self.broker_blocked = Gauge(
+            "billingd_broker_blocked",
+            "1 while the broker blocks this source's publishing (RabbitMQ connection.blocked: a memory or disk alarm).",
+            ["source"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "billingd_queue_depth",
             "Messages waiting in the source's queue (SQS ApproximateNumberOfMessages, AMQP ready), sampled.",
@@ -125,6 +131,7 @@ class SourceMetrics:
         metrics.in_flight.labels(source).set_function(lambda: self.running)
         self.up = metrics.source_up.labels(source)
         self.queue_depth = metrics.queue_depth.labels(source)
+        self.blocked = metrics.broker_blocked.labels(source)
         self.restarts = metrics.restarts.labels(source)
         self._requests: dict[str, Counter] = {}
 

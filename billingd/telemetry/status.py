@@ -15,6 +15,10 @@ class SourceStatus:
     up: bool = False
     reason: str = "starting"
     paused_by: list[str] = field(default_factory=list)
+    node: str = ""
+    """The broker node in use (AMQP), `host:port`."""
+    blocked: str = ""
+    """Why the broker blocks publishing (a resource alarm), or "" when it does not."""
     attempted: anyio.Event = field(default_factory=anyio.Event)
     """Set once the actor has made its first connection attempt (successful or not)."""
 
@@ -25,4 +29,8 @@ class SourceStatus:
             body["reason"] = self.reason
         if self.paused_by:
             body["paused_by"] = list(self.paused_by)
+        if self.node:
+            body["node"] = self.node
+        if self.blocked:
+            body["blocked"] = self.blocked
         return body

@@ -75,7 +75,7 @@ async def test_metrics_parse_and_carry_the_design_names_and_other_paths_404(amqp
         assert (await http_get(port, "/healthz"))[0] == 200
         assert (await http_get(port, "/readyz")) == (
             200,
-            {"ready": True, "draining": False, "sources": {source["name"]: {"up": True}}},
+            {"ready": True, "draining": False, "sources": {source["name"]: {"up": True, "node": "127.0.0.1:5672"}}},
         )
         assert (await http_get(port, "/"))[0] == 404
         assert (await http_get(port, "/api/v1/usage"))[0] == 404
