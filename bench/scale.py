@@ -99,7 +99,7 @@ async def flush() -> None:
         await client.aclose()
 
 
-async def run_row(kind: str, replicas: int, n: int, workdir: Path) -> float:
+async def run_row(kind: str, replicas: int, n: int, workdir: Path, min_replicas_acked: int = 0) -> float:
     await flush()
     if kind == "amqp":
         source = amqp_source("sms_dlr", prefetch=50)
@@ -115,7 +115,12 @@ async def run_row(kind: str, replicas: int, n: int, workdir: Path) -> float:
     processes, ports = [], []
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "NO_PROXY": "*"}
     for i in range(replicas):
-        settings = make_settings([source], http={"listen": f"127.0.0.1:{free_port()}"}, daemon={"log_level": "error"})
+        settings = make_settings(
+            [source],
+            http={"listen": f"127.0.0.1:{free_port()}"},
+            daemon={"log_level": "error"},
+            redis={"min_replicas_acked": min_replicas_acked},
+        )
         ports.append(settings.http.port)
         config = workdir / f"{kind}-{replicas}-{i}.toml"
         config.write_text(to_toml(settings_tree(settings)))
@@ -149,6 +154,7 @@ async def main() -> None:
     parser.add_argument("--amqp", type=int, default=30_000)
     parser.add_argument("--sqs", type=int, default=8_000)
     parser.add_argument("--replicas", default="1,2,3")
+    parser.add_argument("--wait-only", action="store_true", help="only the WAIT rows (min_replicas_acked 0 and 1)")
     args = parser.parse_args()
     counts = [int(r) for r in args.replicas.split(",")]
     cluster = RedisClusterServer()
@@ -156,6 +162,17 @@ async def main() -> None:
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            RedisTarget.use(cluster.url, cluster=True)
+            waits = []
+            for wait in (0, 1, 0, 1):  # interleaved: the cost of WAIT (a replica per master) on 1 replica
+                rate = await run_row("amqp", 1, args.amqp, Path(tmp), min_replicas_acked=wait)
+                waits.append((wait, rate))
+                print(f"  amqp Redis Cluster min_replicas_acked={wait}: {rate:8,.0f} msg/s", flush=True)
+            for wait in (0, 1):
+                best = max(rate for w, rate in waits if w == wait)
+                print(f"| AMQP `sms_dlr`, 1 replica, Redis Cluster | min_replicas_acked = {wait} | {best:,.0f} msg/s |")
+            if args.wait_only:
+                return
             for backend in ("one Redis", "Redis Cluster (3 masters)"):
                 if backend.startswith("Redis Cluster"):
                     RedisTarget.use(cluster.url, cluster=True)

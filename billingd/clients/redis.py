@@ -7,6 +7,7 @@ retry-with-backoff is disabled for that reason.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlparse
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -88,4 +89,23 @@ def connect_redis(settings: RedisSettings) -> RedisClient:
     }
     if settings.cluster:
         return RedisCluster.from_url(settings.url, **options)
+    if settings.sentinels:
+        return _sentinel_master(settings, options)
     return aioredis.Redis.from_url(settings.url, **options)
+
+
+def _sentinel_master(settings: RedisSettings, options: dict[str, Any]) -> aioredis.Redis:
+    """A client of the master the sentinels name (`settings.sentinel_master`), found again
+    after a failover; database, user and password from `settings.url`."""
+    from redis.asyncio.sentinel import Sentinel
+
+    parsed = urlparse(settings.url)
+    database = int((parsed.path or "/0").lstrip("/") or 0)
+    sentinels = [(h.rsplit(":", 1)[0].strip("[]"), int(h.rsplit(":", 1)[1])) for h in settings.sentinels]
+    timeouts = {"socket_timeout": settings.timeout, "socket_connect_timeout": settings.timeout}
+    sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts, **timeouts)  # type: ignore[no-untyped-call]
+    connection: dict[str, Any] = {**options, "db": database}
+    if parsed.password:
+        connection.update(username=parsed.username, password=parsed.password)
+    master: aioredis.Redis = sentinel.master_for(settings.sentinel_master, **connection)
+    return master

@@ -95,6 +95,8 @@ def semantic_errors(settings: Settings) -> list[str]:
 
     sup = settings.supervisor
     order("supervisor", "backoff_initial", sup.backoff_initial, "backoff_max", sup.backoff_max)
+    if settings.redis.cluster and settings.redis.sentinels:
+        errors.append("redis.sentinels: a Redis Cluster has no sentinels: set cluster = true or sentinels, not both")
     if settings.redis.cluster:
         database = settings.redis.url.split("://", 1)[-1].partition("/")[2].split("?")[0]
         if database not in ("", "0"):

@@ -81,6 +81,8 @@ class RedisSettings(_Section, frozen=True):
 
     `cluster = true`: `url` names any node of a Redis Cluster (database 0), the client discovers
     the others and follows MOVED/ASK redirections and failovers (redis-py's `RedisCluster`).
+    `sentinels = ["host:port", …]`: a master found through Redis Sentinel (`sentinel_master`),
+    followed across failovers (redis-py's `redis.asyncio.sentinel`).
     `min_replicas_acked = N`: writes must reach N replicas (`WAIT N wait_timeout`) before the
     message is acked, so a failover cannot lose an acked message's effect."""
 
@@ -88,6 +90,11 @@ class RedisSettings(_Section, frozen=True):
     timeout: Duration = Duration(2)
     max_connections: PositiveInt = 64
     cluster: bool = False
+    sentinels: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.\[\]:-]+:\d{1,5}$")]] = field(default_factory=list)
+    """Redis Sentinel: `host:port` of the sentinels; the master is asked of them (and again after
+    a failover). `url` then gives only the database, user and password."""
+    sentinel_master: str = "mymaster"
+    """The name the sentinels monitor the master under."""
     min_replicas_acked: Annotated[int, Meta(ge=0, le=16)] = 0
     """Before a message is acked, wait until this many replicas of each node that took its
     writes have them (`WAIT`); 0: ack once the master has them."""

@@ -122,3 +122,38 @@ async def _sqs_retention(source: SqsSourceSettings) -> float:
             attributes = await client.get_queue_attributes(QueueUrl=url, AttributeNames=["MessageRetentionPeriod"])
             total += float(attributes["Attributes"].get("MessageRetentionPeriod", 345600))
         return total
+
+
+async def redis_warnings(settings: Settings, within: float = 3.0) -> list[str]:
+    """Warnings about the ledger's durability: a Redis (the node `[redis].url` names, or the
+    sentinels' master) with neither persistence (`appendonly`, `save`) nor a replica loses the
+    ledger — every idempotency record and counter — when it restarts; fewer replicas than
+    `min_replicas_acked` means nothing can be acked."""
+    from billingd.clients.redis import connect_redis
+
+    client = connect_redis(settings.redis)
+    try:
+        with anyio.fail_after(within):
+            replication = await client.info("replication")
+            replicas = int(replication.get("connected_slaves", 0))
+            try:
+                appendonly = (await client.config_get("appendonly")).get("appendonly", "")
+                save = (await client.config_get("save")).get("save", "")
+            except Exception:  # noqa: BLE001 — managed Redis often disables CONFIG
+                appendonly, save = "unknown", "unknown"
+    except Exception as exc:  # noqa: BLE001 — a check reports what it could not read
+        return [f"  redis: could not check its persistence and replicas ({type(exc).__name__}: {exc})"[:300]]
+    finally:
+        await client.aclose()
+    warnings = []
+    if appendonly in ("no", b"no") and save in ("", b"") and replicas == 0:
+        warnings.append(
+            "  redis: a restart of Redis loses the ledger: it has neither persistence (appendonly, save) nor "
+            "replicas; turn on appendonly yes, or run it with a replica (and [redis] min_replicas_acked = 1)"
+        )
+    if settings.redis.min_replicas_acked > replicas:
+        warnings.append(
+            f"  redis: min_replicas_acked = {settings.redis.min_replicas_acked} but the master has {replicas} "
+            "replica(s) connected: no message can be acked until enough replicas are"
+        )
+    return warnings

@@ -15,7 +15,7 @@ import anyio
 from billingd import __version__
 from billingd.config import ConfigError
 from billingd.daemon.app import Daemon
-from billingd.daemon.check import broker_warnings, describe
+from billingd.daemon.check import broker_warnings, describe, redis_warnings
 from billingd.daemon.exits import EXIT_CONFIG, EXIT_FORCED
 from billingd.daemon.logging import configure_logging
 from billingd.daemon.loop import loop_options
@@ -73,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if warnings:
             print("warnings (idempotency records vs. how long a message can wait):")
             for line in warnings:
+                print(line)
+        durability = [] if args.offline else anyio.run(redis_warnings, settings, backend="asyncio")
+        if durability:
+            print("warnings (the ledger's durability):")
+            for line in durability:
                 print(line)
         return 0
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
