@@ -8,10 +8,12 @@ with the status and the first 200 characters of the response).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 
 from billingd.clients.errors import DownstreamRejected, DownstreamUnavailable, Guard
+from billingd.telemetry.tracing import child_span
 
 SNIPPET = 200
 
@@ -19,7 +21,8 @@ SNIPPET = 200
 class HttpForwarder:
     """POSTs to one downstream; `name` is the breaker name (`forward:<x>`)."""
 
-    def __init__(self, name: str, guard: Guard, timeout: float = 10.0) -> None:
+    def __init__(self, name: str, guard: Guard, timeout: float = 10.0, tracer: Any = None) -> None:
+        self._tracer = tracer
         self.name = name
         self._guard = guard
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -32,7 +35,10 @@ class HttpForwarder:
             DownstreamUnavailable: 429, 5xx, timeout, connection refused (or CircuitOpen).
             DownstreamRejected: any other non-2xx status.
         """
-        return await self._guard.call(self._post, url, body, headers)
+        if self._tracer is None:
+            return await self._guard.call(self._post, url, body, headers)
+        with child_span(self._tracer, f"POST {self.name}", {"http.request.method": "POST", "url.full": url}):
+            return await self._guard.call(self._post, url, body, headers)
 
     async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
         if self._session is None:

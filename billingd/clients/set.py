@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from billingd.clients.errors import Guard
 from billingd.clients.http import HttpForwarder
@@ -35,7 +35,10 @@ class Clients:
         stripe: StripeSettings,
         guard: Callable[[str], Guard],
         metrics: Metrics | None = None,
+        tracer: Any = None,
     ) -> None:
+        self.tracer = tracer
+        """An OpenTelemetry tracer for child spans of the clients' calls (None: traces off)."""
         self._redis_settings = redis
         self._stripe_settings = stripe
         self.guard = guard
@@ -56,32 +59,32 @@ class Clients:
     @cached_property
     def sms_ledger(self) -> SmsLedger:
         """SMS charges and CDRs (seed 002)."""
-        return SmsLedger(self.redis, self.guard("redis"), self.batcher)
+        return SmsLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
 
     @cached_property
     def jasmin_ledger(self) -> JasminLedger:
         """Jasmin submit records, the SMSC id → msgid map, submit results (seed 002, native)."""
-        return JasminLedger(self.redis, self.guard("redis"), self.batcher)
+        return JasminLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
 
     @cached_property
     def usage_ledger(self) -> UsageLedger:
         """Entitlements, usage counters, customer mapping (seeds 001, 004)."""
-        return UsageLedger(self.redis, self.guard("redis"), self.batcher)
+        return UsageLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
 
     @cached_property
     def subscription_ledger(self) -> SubscriptionLedger:
         """Entitlements from Stripe subscriptions, features, customer mapping (seed 004)."""
-        return SubscriptionLedger(self.redis, self.guard("redis"), self.batcher)
+        return SubscriptionLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
 
     @cached_property
     def once(self) -> OnceLedger:
         """Once-only steps (POSTs, Stripe calls) across workers and replicas."""
-        return OnceLedger(self.redis, self.guard("redis"), self.batcher)
+        return OnceLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
 
     @cached_property
     def limits(self) -> SharedLimits:
         """Request budgets and leases shared by every replica (Stripe's rate and concurrency limits)."""
-        return SharedLimits(self.redis, self.guard("redis"), self.batcher)
+        return SharedLimits(self.redis, self.guard("redis"), self.batcher, self.tracer)
 
     @cached_property
     def stripe(self) -> StripeGateway:
@@ -90,14 +93,14 @@ class Clients:
         and ~15 MiB smaller."""
         from billingd.clients.stripe import StripeGateway
 
-        return StripeGateway(self._stripe_settings, self.guard("stripe"), self.limits, self._metrics)
+        return StripeGateway(self._stripe_settings, self.guard("stripe"), self.limits, self._metrics, self.tracer)
 
     def forwarder(self, name: str, timeout: float = 10.0) -> HttpForwarder:
         """The HTTP forwarder behind breaker `forward:<name>` (one per name)."""
         forwarder = self._forwarders.get(name)
         if forwarder is None:
             breaker = f"forward:{name}"
-            forwarder = self._forwarders[name] = HttpForwarder(breaker, self.guard(breaker), timeout)
+            forwarder = self._forwarders[name] = HttpForwarder(breaker, self.guard(breaker), timeout, self.tracer)
         return forwarder
 
     async def aclose(self) -> None:

@@ -40,6 +40,7 @@ from billingd.clients.errors import DownstreamRejected, DownstreamUnavailable, G
 from billingd.clients.keyed import KeyedLocks
 from billingd.clients.stripe_stream import MeterSession, MeterStream, SessionExpired, is_session_expired
 from billingd.config.model import StripeSettings
+from billingd.telemetry.tracing import child_span
 
 if TYPE_CHECKING:
     from billingd.clients.ledger.limits import SharedLimits
@@ -97,7 +98,9 @@ class StripeGateway:
         guard: Guard,
         limits: SharedLimits | None = None,
         metrics: Metrics | None = None,
+        tracer: Any = None,
     ) -> None:
+        self._tracer = tracer
         self.timeout = settings.timeout
         self.meter_api = settings.meter_api
         self._settings = settings
@@ -161,12 +164,13 @@ class StripeGateway:
             DownstreamRejected: a permanent refusal (`MeterEventExists` for a known identifier).
         """
         options: dict[str, Any] = {"idempotency_key": idempotency_key} if idempotency_key else {}
-        await self._turn(kind)
-        try:
-            return await self._guard.call(self._request, method, params, options)
-        except Throttled as exc:
-            self._count_429(exc, kind)
-            raise
+        with child_span(self._tracer, f"stripe {kind}", {"server.address": "stripe", "billingd.budget": kind}):
+            await self._turn(kind)
+            try:
+                return await self._guard.call(self._request, method, params, options)
+            except Throttled as exc:
+                self._count_429(exc, kind)
+                raise
 
     @staticmethod
     async def _request(method: Any, params: dict[str, Any], options: dict[str, Any]) -> Any:
@@ -186,12 +190,13 @@ class StripeGateway:
         self, method: Any, target: str, params: dict[str, Any], idempotency_key: str | None
     ) -> dict[str, Any]:
         options: dict[str, Any] = {"idempotency_key": idempotency_key} if idempotency_key else {}
-        await self._turn("basic")
-        try:
-            result = await self._guard.call(self._request_on, method, target, params, options)
-        except Throttled as exc:
-            self._count_429(exc, "basic")
-            raise
+        with child_span(self._tracer, "stripe basic", {"server.address": "stripe", "billingd.budget": "basic"}):
+            await self._turn("basic")
+            try:
+                result = await self._guard.call(self._request_on, method, target, params, options)
+            except Throttled as exc:
+                self._count_429(exc, "basic")
+                raise
         body: dict[str, Any] = result.to_dict()
         return body
 
@@ -240,7 +245,8 @@ class StripeGateway:
         if self.meter_api == "stream":
             event = {"event_name": event_name, "identifier": identifier, "payload": payload}
             event["timestamp"] = _rfc3339(timestamp)
-            await self.stream.send(event)
+            with child_span(self._tracer, "stripe meter_event_stream", {"server.address": "stripe"}):
+                await self.stream.send(event)  # the wait for the batch holding this event, and its request
             return
         params = {"event_name": event_name, "identifier": identifier, "timestamp": timestamp, "payload": payload}
         max_wait = self._settings.max_wait

@@ -33,10 +33,13 @@ from billingd.supervisors.poison import PoisonLog
 from billingd.supervisors.supervisor import Child, Supervisor
 from billingd.telemetry.metrics import Metrics
 from billingd.telemetry.status import SourceStatus
+from billingd.telemetry.tracing import Tracing
 
 log = structlog.get_logger("billingd.daemon")
 
 
+#: The longest the spans still queued at exit may take to reach the collector (seconds).
+TRACE_FLUSH = 2.0
 #: After `drain_timeout`, handlers are cancelled; this long later everything is.
 ABORT_GRACE = 5.0
 #: Seconds within which the same signal again is a duplicate, not a second request: a terminal's
@@ -72,6 +75,7 @@ class Daemon:
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
         exit_process: Callable[[int], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -79,9 +83,10 @@ class Daemon:
         self.handle_signals = handle_signals
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics(__version__)
+        self.tracing = tracing or Tracing(__version__)
         self.registry = self.metrics.registry
         self.board = BreakerBoard(settings, self.metrics)
-        self.clients = Clients(settings.redis, settings.stripe, self.board.get, self.metrics)
+        self.clients = Clients(settings.redis, settings.stripe, self.board.get, self.metrics, self.tracing.tracer)
         self.supervisor = Supervisor(settings.supervisor, rng=rng, on_escalate=self._on_escalate)
         self.statuses: dict[str, SourceStatus] = {s.name: SourceStatus(s.name) for s in settings.sources}
         self.draining = False
@@ -121,6 +126,7 @@ class Daemon:
                 reconnect,
                 self._rng,
                 poison,
+                self.tracing.tracer,
             )
 
         return Child(source.name, factory, on_restart=metrics.restarts.inc)
@@ -155,6 +161,8 @@ class Daemon:
             with anyio.CancelScope(shield=True), anyio.move_on_after(ABORT_GRACE):
                 await runner.cleanup()
                 await self.clients.aclose()
+                # the spans still queued, within a bound of their own (a collector may be down)
+                await anyio.to_thread.run_sync(self.tracing.shutdown, TRACE_FLUSH, abandon_on_cancel=True)
             self.notifier.close()
             self.stopped.set()
         log.info("billingd stopped", exit_code=self.exit_code)

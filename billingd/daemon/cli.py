@@ -23,6 +23,7 @@ from billingd.daemon.notify import Notifier
 from billingd.daemon.tools_cli import add_commands, run_tool
 from billingd.daemon.validation import validate
 from billingd.handlers.registry import HANDLERS
+from billingd.telemetry.tracing import Tracing, TracingMisconfigured
 
 
 def default_config_path() -> str:
@@ -65,8 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        tracing = Tracing(__version__)
+    except TracingMisconfigured as exc:
+        print(f"billingd: invalid tracing configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.command == "check":
         print(f"{path}: OK ({len(settings.sources)} sources: {', '.join(s.name for s in settings.sources)})")
+        print(f"  traces: {'on (OpenTelemetry, from the OTEL_* variables)' if tracing.enabled else 'off'}")
         for line in describe(settings, HANDLERS):
             print(line)
         warnings = [] if args.offline else anyio.run(broker_warnings, settings, HANDLERS, backend="asyncio")
@@ -82,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
     try:
-        daemon = Daemon(settings, config_path=path, notifier=Notifier(), exit_process=os._exit)
+        daemon = Daemon(settings, config_path=path, notifier=Notifier(), exit_process=os._exit, tracing=tracing)
         return anyio.run(daemon.run, backend="asyncio", backend_options=loop_options(settings.daemon.uvloop))
     except OSError as exc:
         print(f"billingd: cannot serve HTTP on {settings.http.listen}: {exc}", file=sys.stderr)

@@ -31,7 +31,13 @@ class Observable(Protocol):
 def make_app(daemon: Observable) -> web.Application:
     """The aiohttp application serving the three endpoints (GET and HEAD)."""
 
-    async def metrics(_request: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.Response:
+        if "application/openmetrics-text" in request.headers.get("Accept", ""):
+            # OpenMetrics carries exemplars: the trace id of a sampled message per duration bucket
+            from prometheus_client.openmetrics import exposition as openmetrics
+
+            body = openmetrics.generate_latest(daemon.registry)  # type: ignore[no-untyped-call]
+            return web.Response(body=body, headers={"Content-Type": openmetrics.CONTENT_TYPE_LATEST})
         body = generate_latest(daemon.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import Counter
+from collections.abc import Iterator
 
 import anyio
 import msgspec
 
+from billingd import __version__
 from billingd.config import ConfigError, load_config
 from billingd.daemon.exits import EXIT_CONFIG, EXIT_DATAERR, EXIT_UNAVAILABLE, EXIT_USAGE
 from billingd.sources import queue_tools
+from billingd.telemetry.tracing import Tracing
 
 
 def add_commands(commands: argparse._SubParsersAction, config_help: str) -> None:  # type: ignore[type-arg]
@@ -58,9 +62,10 @@ def run_tool(args: argparse.Namespace, path: str) -> int:
     async def main() -> int:
         async with queue_tools(source) as tools:
             if args.command == "publish":
-                message_id = await tools.publish(
-                    body, routing_key=args.routing_key, encoding=args.encoding, group=args.group
-                )
+                with producer_span(tracing, source.name) as trace:  # the message carries the context on
+                    message_id = await tools.publish(
+                        body, routing_key=args.routing_key, encoding=args.encoding, group=args.group, trace=trace
+                    )
                 print(f"published {message_id} to {source.name}")
             elif args.action == "list":
                 total = await tools.dead_letter_count()
@@ -73,8 +78,28 @@ def run_tool(args: argparse.Namespace, path: str) -> int:
                 print(f"replayed {moved} dead letter(s) to {source.name}")
         return 0
 
+    tracing = Tracing(__version__)
     try:
         return anyio.run(main, backend="asyncio")
     except Exception as exc:  # noqa: BLE001 — a tool reports the broker's answer and exits non-zero
         print(f"billingd: {args.command} {source.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    finally:
+        tracing.shutdown(2.0)
+
+
+@contextlib.contextmanager
+def producer_span(tracing: Tracing, destination: str) -> Iterator[dict[str, str]]:
+    """A PRODUCER span `publish <destination>` and its context as W3C headers (empty: traces off)."""
+    if not tracing.enabled:
+        yield {}
+        return
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    attributes = {"messaging.operation.type": "send", "messaging.destination.name": destination}
+    with tracing.tracer.start_as_current_span(f"publish {destination}", kind=trace.SpanKind.PRODUCER,
+                                              attributes=attributes):  # fmt: skip
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier)
+        yield carrier

@@ -45,6 +45,7 @@ from billingd.sources.base import (
     SourceEvents,
     SourceMisconfigured,
     SourceUnavailable,
+    text_carrier,
 )
 from billingd.sources.codecs import UndecodableBody, decode_body
 from billingd.sources.deadlines import CallDeadlines
@@ -290,6 +291,18 @@ class AmqpSource:
         pending = [d for d in self._buffer if not d.handle.channel.is_closed]
         self._buffer.clear()
         return pending
+
+    def trace_carrier(self, delivery: Delivery) -> tuple[dict[str, Any], dict[str, str]]:
+        """RabbitMQ's messaging attributes and the `traceparent` / `tracestate` headers."""
+        message: DeliveredMessage = delivery.handle
+        attributes = {
+            "messaging.system": "rabbitmq",
+            "messaging.destination.name": message.exchange or "",
+            "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
+            "messaging.message.id": delivery.message_id,
+            "messaging.consumer.group.name": self._settings.queue,
+        }
+        return attributes, text_carrier(delivery.attributes)
 
     async def pause(self) -> None:
         """Cancel the consumer until `resume`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -74,7 +75,15 @@ class AmqpTools:
             moved += 1
         return moved
 
-    async def publish(self, body: bytes, *, routing_key: str | None, encoding: str | None, group: str | None) -> str:
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        routing_key: str | None,
+        encoding: str | None,
+        group: str | None,
+        trace: Mapping[str, str] | None = None,
+    ) -> str:
         assert self._channel is not None
         message_id = uuid.uuid4().hex
         message = aio_pika.Message(
@@ -83,6 +92,7 @@ class AmqpTools:
             content_encoding=encoding,
             message_id=message_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=dict(trace or {}),
         )
         if routing_key is not None and self._settings.exchange:
             exchange = await self._channel.get_exchange(self._settings.exchange)

@@ -148,6 +148,28 @@ class Source(Protocol):
         """Stop intake until `resume` (a breaker the handler uses is open)."""
         ...
 
+    def trace_carrier(self, delivery: Delivery) -> tuple[dict[str, Any], dict[str, str]]:
+        """For the message's span (`billingd.telemetry.spans`): its messaging attributes, and the
+        producer's trace context as text headers (`traceparent`, `tracestate`, `X-Amzn-Trace-Id`)."""
+        ...
+
     async def resume(self) -> None:
         """Resume intake after `pause`."""
         ...
+
+
+#: The trace-context keys a carrier may hold (W3C Trace Context; X-Ray's header).
+TRACE_KEYS = ("traceparent", "tracestate")
+
+
+def text_carrier(values: Mapping[str, Any]) -> dict[str, str]:
+    """The W3C trace-context entries of a header or attribute table, as text (bytes decoded;
+    other types, and values longer than 512 characters, ignored: a hostile header is no context)."""
+    carrier: dict[str, str] = {}
+    for name in TRACE_KEYS:
+        value = values.get(name)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, str) and len(value) <= 512:
+            carrier[name] = value
+    return carrier

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from billingd.sources.base import Delivery, Disposition, Settlement, SourceEvents
+from billingd.sources.base import Delivery, Disposition, Settlement, SourceEvents, text_carrier
 
 
 class MemorySource:
@@ -122,6 +122,12 @@ class MemorySource:
             self._arrived.set()
 
         self._pending.start_soon(later)
+
+    def trace_carrier(self, delivery: Delivery) -> tuple[dict[str, Any], dict[str, str]]:
+        """Attributes of an in-memory message, and the trace context among its attributes."""
+        attributes = {"messaging.system": "memory", "messaging.destination.name": self.name,
+                      "messaging.message.id": delivery.message_id}  # fmt: skip
+        return attributes, text_carrier(delivery.attributes)
 
     async def pause(self) -> None:
         self._paused = True

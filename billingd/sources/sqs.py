@@ -49,6 +49,7 @@ from billingd.sources.base import (
     SourceEvents,
     SourceMisconfigured,
     SourceUnavailable,
+    text_carrier,
 )
 from billingd.sources.codecs import UndecodableBody, decode_body
 from billingd.sources.deadlines import CallDeadlines
@@ -200,7 +201,7 @@ class SqsSource:
                     MaxNumberOfMessages=min(MAX_BATCH, max_messages),
                     WaitTimeSeconds=int(s.wait_time),
                     VisibilityTimeout=self._lease,
-                    MessageSystemAttributeNames=["ApproximateReceiveCount", "MessageGroupId"],
+                    MessageSystemAttributeNames=["ApproximateReceiveCount", "MessageGroupId", "AWSTraceHeader"],
                     MessageAttributeNames=["All"],
                 )
             except (ClientError, *_TRANSIENT) as exc:
@@ -241,6 +242,21 @@ class SqsSource:
         from now on, those under way too, by `DRAIN_CALL_TIMEOUT`. Nothing is buffered."""
         self._deadlines.stop()
         return []
+
+    def trace_carrier(self, delivery: Delivery) -> tuple[dict[str, Any], dict[str, str]]:
+        """SQS's messaging attributes; the `traceparent` / `tracestate` message attributes and the
+        `AWSTraceHeader` system attribute (X-Ray) as `X-Amzn-Trace-Id`."""
+        attributes = {
+            "messaging.system": "aws_sqs",
+            "messaging.destination.name": self._settings.queue_url.rsplit("/", 1)[-1],
+            "messaging.message.id": delivery.message_id,
+        }
+        carrier = text_carrier(delivery.attributes)
+        system = delivery.handle.get("Attributes") if isinstance(delivery.handle, dict) else None
+        xray = (system or {}).get("AWSTraceHeader")
+        if isinstance(xray, str) and len(xray) <= 512:
+            carrier["X-Amzn-Trace-Id"] = xray
+        return attributes, carrier
 
     async def pause(self) -> None:
         """Stop starting long polls until `resume`."""

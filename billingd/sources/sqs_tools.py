@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from billingd.config.model import SqsSourceSettings
@@ -95,14 +96,25 @@ class SqsTools:
                 )
         return moved
 
-    async def publish(self, body: bytes, *, routing_key: str | None, encoding: str | None, group: str | None) -> str:
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        routing_key: str | None,
+        encoding: str | None,
+        group: str | None,
+        trace: Mapping[str, str] | None = None,
+    ) -> str:
         s = self._settings
         kwargs: dict[str, Any] = {
             "QueueUrl": s.queue_url,
             "MessageBody": encode_body(body, encoding, text_transport=True).decode(),
         }
+        attributes = {name: {"DataType": "String", "StringValue": value} for name, value in (trace or {}).items()}
         if encoding:
-            kwargs["MessageAttributes"] = {"content_encoding": {"DataType": "String", "StringValue": encoding}}
+            attributes["content_encoding"] = {"DataType": "String", "StringValue": encoding}
+        if attributes:
+            kwargs["MessageAttributes"] = attributes
         if s.fifo:
             kwargs["MessageGroupId"] = group or "billingd-publish"
             kwargs["MessageDeduplicationId"] = uuid.uuid4().hex

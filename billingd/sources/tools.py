@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from billingd.sources.letters import Letter
@@ -37,6 +38,15 @@ class QueueTools(Protocol):
         """Move up to `limit` (default: the current depth) dead letters back; returns how many."""
         ...
 
-    async def publish(self, body: bytes, *, routing_key: str | None, encoding: str | None, group: str | None) -> str:
-        """Send one message to the source; returns its message id."""
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        routing_key: str | None,
+        encoding: str | None,
+        group: str | None,
+        trace: Mapping[str, str] | None = None,
+    ) -> str:
+        """Send one message to the source, carrying `trace` (W3C `traceparent`/`tracestate`: AMQP
+        headers, SQS message attributes); returns its message id."""
         ...

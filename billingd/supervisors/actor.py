@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -61,6 +62,8 @@ class SourceActor:
         status: the `/readyz` record of this source, updated in place.
         reconnect: `(initial, maximum)` backoff in seconds while the broker is unreachable.
         poison: crash counts of this source's messages, kept across its actors' restarts.
+        tracer: an OpenTelemetry tracer: each message handled in a CONSUMER span
+            (`billingd.telemetry.spans`); None: no spans.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class SourceActor:
         reconnect: tuple[float, float],
         rng: random.Random | None = None,
         poison: PoisonLog | None = None,
+        tracer: Any = None,
     ) -> None:
         self.settings = settings
         self.reporter = SourceReporter(settings.name, settings.handler, metrics, status)
@@ -95,6 +99,8 @@ class SourceActor:
             settings.partition_by or self.source.partition_default, settings.workers, self.source.ordered
         )
         self._poison = poison or PoisonLog()
+        self._tracer = tracer
+        self._destination = str(getattr(settings, "queue", "") or getattr(settings, "queue_url", "").rsplit("/", 1)[-1])
         self._suspects: set[str] = set()
         """Message ids held by a stage that raised: recorded in `poison` if the actor crashes."""
         self._log = self.reporter.log
@@ -275,6 +281,8 @@ class SourceActor:
                     return
 
     async def _handle(self, delivery: Delivery) -> Settlement:
+        if self._tracer is not None:
+            return await self._handle_traced(delivery)
         metrics = self.metrics
         metrics.running += 1
         started = time.perf_counter()
@@ -284,6 +292,29 @@ class SourceActor:
             metrics.running -= 1
         metrics.duration.observe(time.perf_counter() - started)
         settlement = settlement_of(delivery, outcome, self.settings, self._rng)
+        self.reporter.outcome(settlement)
+        return settlement
+
+    async def _handle_traced(self, delivery: Delivery) -> Settlement:
+        """`_handle` inside the message's CONSUMER span, its duration observed with the trace id as
+        an exemplar."""
+        from billingd.telemetry import spans
+
+        try:
+            attributes, carrier = self.source.trace_carrier(delivery)
+        except Exception:  # noqa: BLE001 — a message whose context cannot be read is still handled
+            attributes, carrier = {}, {}
+        metrics = self.metrics
+        with spans.process_span(self._tracer, self._destination, attributes, carrier) as span:
+            metrics.running += 1
+            started = time.perf_counter()
+            try:
+                outcome = await self._call_handler(delivery)
+            finally:
+                metrics.running -= 1
+            metrics.duration.observe(time.perf_counter() - started, spans.exemplar(span))
+            settlement = settlement_of(delivery, outcome, self.settings, self._rng)
+            spans.annotate(span, settlement.disposition.value, settlement.reason)
         self.reporter.outcome(settlement)
         return settlement
 

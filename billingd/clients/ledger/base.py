@@ -16,6 +16,7 @@ from billingd.clients.errors import DownstreamError, DownstreamRejected, Downstr
 from billingd.clients.ledger.batch import BatchAborted, CommandBatcher
 from billingd.clients.ledger.scripts import Script
 from billingd.clients.redis import TRANSIENT_REDIS_ERRORS, RedisClient, is_transient_reply
+from billingd.telemetry.tracing import child_span
 
 #: Errors of one Redis call that `classify` turns into a downstream outcome.
 _CALL_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_REDIS_ERRORS, ResponseError, DataError)
@@ -49,14 +50,23 @@ class RedisLedger:
         CircuitOpen: the `redis` breaker is open.
     """
 
-    def __init__(self, redis: RedisClient, guard: Guard, batcher: CommandBatcher | None = None) -> None:
+    def __init__(
+        self, redis: RedisClient, guard: Guard, batcher: CommandBatcher | None = None, tracer: Any = None
+    ) -> None:
         self.redis = redis
         self._guard = guard
         self._batcher = batcher or CommandBatcher(redis)
+        self._tracer = tracer
+        self._span_attributes = {"db.system.name": "redis", "db.operation.name": "EVALSHA",
+                                 "billingd.ledger": type(self).__name__}  # fmt: skip
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run `script` with `keys` and `args` (pipelined with concurrent calls), through the guard."""
-        return await self._guard.call(self._run_script, script, keys, args)
+        """Run `script` with `keys` and `args` (pipelined with concurrent calls), through the guard
+        (in a child span of the message's when traces are on)."""
+        if self._tracer is None:
+            return await self._guard.call(self._run_script, script, keys, args)
+        with child_span(self._tracer, "redis EVALSHA", self._span_attributes):
+            return await self._guard.call(self._run_script, script, keys, args)
 
     async def hgetall(self, name: str) -> dict[str, str]:
         """Read a hash as `str → str` (empty when absent), through the guard."""
