@@ -172,7 +172,9 @@ class Amqp:
         return source
 
     async def cleanup(self) -> None:
-        """Delete what `track` recorded."""
+        """Delete what `track` recorded (after the connection is back, if a test closed it)."""
+        with anyio.move_on_after(15):
+            await self.connection.connected.wait()
         await self.delete(*self._queues)
         for exchange in self._exchanges:
             channel = await self.connection.channel()

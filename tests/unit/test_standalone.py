@@ -21,8 +21,13 @@ def tracked_files() -> list[Path]:
         text=True,
         check=False,
     ).stdout.split()
-    if not names:  # not a git checkout (an unpacked archive): every file under the root
-        return [p for p in ROOT.rglob("*") if p.is_file() and ".venv" not in p.parts and ".git" not in p.parts]
+    if not names:  # not a git checkout (a copy, an unpacked archive): every file but tool caches
+        return [
+            p
+            for p in ROOT.rglob("*")
+            if p.is_file()
+            and not any(part.startswith(".") or part == "node_modules" for part in p.relative_to(ROOT).parts)
+        ]
     return [ROOT / n for n in names]
 
 
