@@ -3,7 +3,7 @@ sampling ratio 0.01 and on at 1.0, exporting to a real OTLP/HTTP receiver in its
 
     uv run python bench/tracing.py [--messages 20000] [--rounds 3]
 
-Each contender is `bench/contenders.py amqp_billingd` in its own process (uvloop, prefetch 20),
+Each contender is `bench/contenders.py amqp-billingd` in its own process (uvloop, prefetch 20),
 the three modes interleaved round by round; the best round of each is reported with its CPU per
 message. Traces on: `OTEL_TRACES_EXPORTER=otlp`, `OTEL_TRACES_SAMPLER=parentbased_traceidratio`
 with `OTEL_TRACES_SAMPLER_ARG`; the spans go to `python -m tests.doubles.otlp`.
@@ -26,15 +26,15 @@ from tests.support import free_port
 
 MODES: dict[str, dict[str, str]] = {
     "off": {"OTEL_SDK_DISABLED": "true"},
-    "on, ratio 0.01": {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+    "ratio-0.01": {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                        "OTEL_TRACES_SAMPLER_ARG": "0.01"},
-    "on, ratio 1.0": {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+    "ratio-1.0": {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                       "OTEL_TRACES_SAMPLER_ARG": "1.0"},
 }  # fmt: skip
 
 
 def contend(args: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "bench.contenders", "amqp_billingd", json.dumps(args)]
+    command = [sys.executable, "-m", "bench.contenders", "amqp-billingd", json.dumps(args)]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -45,15 +45,17 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
     args = parser.parse_args()
+    modes = {name: MODES[name] for name in args.modes.split(",")}
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-m", "tests.doubles.otlp", "--port", str(port)], cwd=ROOT)
     await asyncio.sleep(2)
     endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_SERVICE_NAME": "billingd-bench"}
-    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     try:
         for round_ in range(args.rounds):
-            for mode, env in MODES.items():
+            for mode, env in modes.items():
                 source = await amqp_queue("dlr", args.messages, 20)
                 result = await asyncio.to_thread(contend, {"source": source, "n": args.messages}, {**endpoint, **env})
                 await drop_amqp(source)

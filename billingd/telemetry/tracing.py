@@ -114,13 +114,15 @@ def _flush_and_stop(provider: Any, timeout: float) -> None:
 @contextmanager
 def child_span(tracer: Any, name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
     """A CLIENT span `name` under the current span (the message's), or nothing when traces are
-    off or no message span is current (a CLI tool). Exceptions are recorded and re-raised."""
+    off, no message span is current (a CLI tool) or the message's span is not sampled (a child
+    of an unsampled span would be dropped anyway: not making it keeps a low sampling ratio
+    cheap). Exceptions are recorded and re-raised."""
     if tracer is None:
         yield None
         return
     from opentelemetry import trace
 
-    if not trace.get_current_span().get_span_context().is_valid:
+    if not trace.get_current_span().is_recording():
         yield None
         return
     with tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes) as span:

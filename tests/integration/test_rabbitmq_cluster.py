@@ -168,3 +168,34 @@ async def test_a_memory_alarm_holds_retries_not_acks_and_a_drain_during_it_ends_
     finally:
         c.ctl("a", "set_vm_memory_high_watermark", "0.4")
     assert await depth(c.url("b"), source["queue"]) == len(more)  # released, not acked and not lost
+
+
+async def test_on_the_cluster_a_message_past_the_delivery_limit_lands_in_dlq_with_its_reason(rabbit_cluster):
+    from billingd.sources import queue_tools
+
+    c = rabbit_cluster
+    c.ctl("a", "await_startup")
+    source = amqp_source("sms_dlr", url=c.urls, queue_type="quorum", queue_arguments={"x-delivery-limit": 1})
+    settings = make_settings([source])
+    async with running(settings):  # declares the three quorum queues
+        pass
+    message_id = unique("limit")
+    await publish(c.url("b"), source["exchange"], [(message_id, {"message_id": message_id})])
+    connection = await aio_pika.connect(c.url("c"))  # a consumer on another node dies holding it, twice
+    channel = await connection.channel()
+    queue = await channel.declare_queue(source["queue"], passive=True)
+    for _ in range(2):
+        message = await queue.get(no_ack=False, fail=False)
+        assert message is not None
+        await message.nack(requeue=True)
+    await connection.close()
+    await wait_for(lambda: _has(c.url("b"), f"{source['queue']}.dlq"), what="moved into .dlq")
+    async with queue_tools(settings.sources[0]) as tools:
+        [letter] = await tools.sample(5)
+    assert letter.message_id == message_id
+    assert "delivery_limit" in letter.reason
+    assert await depth(c.url("b"), source["queue"]) == 0
+
+
+async def _has(url: str, queue: str) -> bool:
+    return await depth(url, queue) == 1
