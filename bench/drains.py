@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,27 +35,11 @@ import msgspec
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tests.proxies import HoldingProxy
-from tests.support import free_port, make_settings, scrape, settings_tree, sqs_source, to_toml, unique
+from tests.support import make_settings, scrape, settings_tree, sqs_source, start_moto, to_toml, unique
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-
-
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return process, f"http://127.0.0.1:{port}"
-        time.sleep(0.1)
-    raise RuntimeError("moto did not start")
 
 
 async def handled(port: int) -> float:

@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.compare import drop_amqp
 from billingd.clients import Unguarded
 from billingd.clients.ledger import UsageLedger
 from billingd.daemon.logging import configure_logging
@@ -53,15 +54,6 @@ async def preload(source: dict[str, Any], bodies: list[dict[str, Any]]) -> None:
     await asyncio.gather(
         *(exchange.publish(aio_pika.Message(msgspec.json.encode(b), delivery_mode=2), "usage") for b in bodies)
     )
-    await connection.close()
-
-
-async def drop(source: dict[str, Any]) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel()
-    for suffix in ("", ".retry", ".dlq"):
-        await channel.queue_delete(source["queue"] + suffix)
-    await channel.exchange_delete(source["exchange"])
     await connection.close()
 
 
@@ -119,7 +111,7 @@ async def row(
             duplicates = sum(d.metrics.stripe_duplicates.labels(name)._value.get() for d in daemons)
         recorded = double.recorded()
         calls = [r for r in double.requests if "meter_event" in r.path]
-    await drop(source)
+    await drop_amqp(source)
     await redis.aclose()
     once = sorted(recorded) == sorted(b["idempotency_key"] for b in bodies) and set(recorded.values()) == {1}
     return {

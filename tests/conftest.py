@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,7 +16,7 @@ from billingd.daemon.logging import configure_logging
 from tests.cluster import RedisClusterServer
 from tests.doubles.server import Sink
 from tests.doubles.stripe import StripeDouble
-from tests.support import AMQP_URL, REDIS_URL, Amqp, RedisTarget, Sqs, free_port
+from tests.support import AMQP_URL, REDIS_URL, Amqp, RedisTarget, Sqs, start_moto
 
 configure_logging("warning", "console")
 
@@ -91,25 +89,8 @@ async def amqp() -> AsyncIterator[Amqp]:
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A moto SQS server (the real SQS wire protocol) on a spare loopback port, for the session."""
-    import socket
-    import time
-
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise RuntimeError("moto server did not start")
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
+    process, endpoint = start_moto()
+    yield endpoint
     process.terminate()
     process.wait(10)
 

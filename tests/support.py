@@ -517,3 +517,30 @@ async def http_ready(port: int) -> bool:
         return (await http_get(port, "/readyz"))[0] == 200
     except OSError:
         return False
+
+
+def start_moto() -> tuple[Any, str]:
+    """A moto SQS server on a spare loopback port: `(process, endpoint URL)` once it accepts connections.
+
+    Raises:
+        RuntimeError: it did not start within 30 s.
+    """
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"http://127.0.0.1:{port}"
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError("moto server did not start")
+        time.sleep(0.1)

@@ -283,6 +283,14 @@ class SourceActor:
     async def _handle(self, delivery: Delivery) -> Settlement:
         if self._tracer is not None:
             return await self._handle_traced(delivery)
+        outcome, seconds = await self._timed(delivery)
+        self.metrics.duration.observe(seconds)
+        settlement = settlement_of(delivery, outcome, self.settings, self._rng)
+        self.reporter.outcome(settlement)
+        return settlement
+
+    async def _timed(self, delivery: Delivery) -> tuple[Outcome, float]:
+        """The handler's outcome and how long it took (seconds), counted as in flight meanwhile."""
         metrics = self.metrics
         metrics.running += 1
         started = time.perf_counter()
@@ -290,10 +298,7 @@ class SourceActor:
             outcome = await self._call_handler(delivery)
         finally:
             metrics.running -= 1
-        metrics.duration.observe(time.perf_counter() - started)
-        settlement = settlement_of(delivery, outcome, self.settings, self._rng)
-        self.reporter.outcome(settlement)
-        return settlement
+        return outcome, time.perf_counter() - started
 
     async def _handle_traced(self, delivery: Delivery) -> Settlement:
         """`_handle` inside the message's CONSUMER span, its duration observed with the trace id as
@@ -304,15 +309,9 @@ class SourceActor:
             attributes, carrier = self.source.trace_carrier(delivery)
         except Exception:  # noqa: BLE001 — a message whose context cannot be read is still handled
             attributes, carrier = {}, {}
-        metrics = self.metrics
         with spans.process_span(self._tracer, self._destination, attributes, carrier) as span:
-            metrics.running += 1
-            started = time.perf_counter()
-            try:
-                outcome = await self._call_handler(delivery)
-            finally:
-                metrics.running -= 1
-            metrics.duration.observe(time.perf_counter() - started, spans.exemplar(span))
+            outcome, seconds = await self._timed(delivery)
+            self.metrics.duration.observe(seconds, spans.exemplar(span))
             settlement = settlement_of(delivery, outcome, self.settings, self._rng)
             spans.annotate(span, settlement.disposition.value, settlement.reason)
         self.reporter.outcome(settlement)
