@@ -113,6 +113,7 @@ class SqsSource:
             SourceMisconfigured: the queue does not exist, or there are no AWS credentials.
         """
         s = self._settings
+        self._deadlines = CallDeadlines()  # a failed open's close() stopped the last one: calls get their full bound
         config = AioConfig(
             connect_timeout=5,
             read_timeout=s.wait_time + 10,

@@ -74,3 +74,26 @@ async def test_an_amqp_drain_over_a_blackholed_connection_ends_at_once(amqp, red
 
 async def _ready_at_most(amqp, queue: str, n: int) -> bool:
     return await amqp.depth(queue) <= n
+
+
+async def test_an_sqs_source_reopened_after_a_failed_open_is_not_left_draining(sqs, moto_endpoint):
+    """A failed `open()` closes the source, which bounds its calls as a drain does; the actor then
+    opens the same source again: its calls must get their full bound and single-entry retries."""
+    from billingd.sources.sqs import SqsSource
+    from tests.support import make_settings
+
+    url, dlq = await sqs.queue()
+
+    class Events:
+        def __getattr__(self, _name: str):
+            return lambda *args, **kwargs: None
+
+    source = SqsSource(make_settings([sqs_source("usage", url, dlq, moto_endpoint)]).sources[0], Events())
+    await source.close()  # what a failed open does
+    await source.open()
+    try:
+        assert source._calls._draining() is False
+        with source._deadlines.bound("probe") as _:
+            await anyio.sleep(DRAIN_BOUND)  # longer than a drain's bound, well within the normal one
+    finally:
+        await source.close()
