@@ -95,7 +95,7 @@ def record(event: V2Event, report: ErrorReport, counter: Any, source: str) -> in
     for kind in report.reason.error_types:
         counter.labels(meter, label(kind.code)).inc(kind.error_count)
         total += kind.error_count
-        samples = [s.request.identifier for s in kind.sample_errors if s.request is not None][:MAX_SAMPLES]
+        samples = [s.request.identifier[:200] for s in kind.sample_errors if s.request is not None][:MAX_SAMPLES]
         log.error(
             "Stripe refused meter events it had accepted: that usage is not billed",
             source=source,

@@ -145,6 +145,8 @@ class UsageHandler:
         metered_value = self._meter_value(name, quantity) if meter else 0
         if meter and event.timestamp is not None:
             _check_timestamp(event.timestamp, int(time.time()))
+        if meter and event.stripe_customer_id:
+            _check_customer(event.stripe_customer_id)  # before any effect: a producer's own id
         micros = to_micros(quantity, field)
         if meter is None:
             if self._options.unmapped == "dead_letter":
@@ -176,11 +178,12 @@ class UsageHandler:
             customer = event.stripe_customer_id or await self._ledger.customer(subject)
             if not customer:
                 return Retry(f"no Stripe customer known for {subject} (yet)")
-            if not _CUSTOMER_ID.match(customer):
+            if not _CUSTOMER_ID.match(customer):  # the mapping's (from Stripe's own events)
                 reason = f"{customer[:80]!r} is not a Stripe customer id (cus_…): counted in Redis, not billed"
                 return DeadLetter(reason)
             timestamp = event.timestamp or result.at
-            _check_timestamp(timestamp, int(time.time()))
+            if event.timestamp is None:  # the time of the Redis step: a retry weeks later can pass 35 days
+                _check_timestamp(timestamp, int(time.time()))
             send = partial(self._send, meter, customer, metered_value, key, timestamp)
             ttl = int(self._options.dedup_ttl)
             await self._once.run_once(subject, f"meter:{key}", send, lease=self._lease, ttl=ttl)
@@ -220,6 +223,12 @@ class UsageHandler:
                 f"× scale {scale} = {scaled:f} has {digits}"
             )
         return int(scaled)
+
+
+def _check_customer(customer: str) -> None:
+    """Raise `InvalidMessage` unless `customer` has the form of a Stripe customer id (`cus_…`)."""
+    if not _CUSTOMER_ID.match(customer):
+        raise InvalidMessage(f"stripe_customer_id {customer[:80]!r} is not a Stripe customer id (cus_…): not applied")
 
 
 def _check_timestamp(timestamp: int, now: int) -> None:

@@ -160,6 +160,8 @@ async def test_what_stripe_would_refuse_later_is_dead_lettered_before_any_call(a
     assert "Stripe takes events of the past 35 days" in reasons["forty-days-old"]
     assert "at most 300 s in the future" in reasons["ahead"]
     assert "is not a Stripe customer id" in reasons["not-a-customer"]
+    ledger = UsageLedger(redis, Unguarded("redis"))
+    assert (await ledger.counter(workspace, "ai_credits"))[0] == 0  # refused before any effect, Redis included
     assert not [r for r in stripe_double.requests if "meter_event" in r.path]  # no call for any of them
 
 
