@@ -267,3 +267,34 @@ async def test_three_replicas_share_one_stripe_budget(amqp, redis, stripe_double
     assert stripe_double.max_per_second(("/v1/billing/meter_events",)) <= 11
     assert waited > 1.0  # 30 requests at 10/s: most of them waited their turn
     assert set(stripe_double.recorded().values()) == {1}
+
+
+async def test_hostile_meter_fields_dead_letter_alone_and_their_neighbours_are_metered(amqp, redis, stripe_double):
+    source = amqp.track(amqp_source("usage", prefetch=20))
+    [(workspace, _)] = await customers(redis, 1)
+    hostile = {
+        "ts-25-digits": b'"timestamp": 9999999999999999999999999',
+        "ts-5000-digits": b'"timestamp": ' + b"9" * 5000,
+        "value-5000-digits": b'"value": ' + b"9" * 5000,
+        "value-tiny": b'"value": 1e-999999999',
+        "value-nan": b'"value": "NaN"',
+        "value-negative": b'"value": -3',
+        "customer-number": b'"stripe_customer_id": 12345',
+        "customer-huge": b'"stripe_customer_id": "cus_' + b"x" * 600 + b'"',
+    }
+    async with running(make_settings([source], stripe=stripe_settings(stripe_double))) as daemon:
+        for key, field in hostile.items():
+            body = b'{"event_type": "ai_credits", "workspace_id": "' + workspace.encode() + b'", "value": 1, '
+            body += b'"idempotency_key": "' + key.encode() + b'", ' + field + b"}"
+            await amqp.publish(source["exchange"], "usage", body, message_id=key)
+        good = [usage(workspace, f"good-{i}-{workspace}") for i in range(5)]
+        await publish(amqp, source, good)
+        name = source["name"]
+        await wait_for(lambda: value(daemon, name, "dead_letter") == len(hostile), timeout=20, what="each alone")
+        await wait_for(lambda: value(daemon, name, "ack") == 5, what="the neighbours metered")
+        assert value(daemon, name, "retry") == 0
+        assert daemon.metrics.restarts.labels(name)._value.get() == 0
+    letters = {m.message_id: m.headers["x-billingd-reason"] for m in await amqp.drain_queue(source["queue"] + ".dlq")}
+    assert set(letters) == set(hostile)
+    assert all(len(reason) <= 2000 for reason in letters.values())
+    assert sorted(stripe_double.recorded()) == sorted(b["idempotency_key"] for b in good)
