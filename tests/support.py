@@ -544,3 +544,47 @@ def start_moto() -> tuple[Any, str]:
             process.kill()
             raise RuntimeError("moto server did not start")
         time.sleep(0.1)
+
+
+def start_fauxqs() -> tuple[Any, str]:
+    """fauxqs (the SQS emulator of the local stack and the benchmarks) on a spare loopback port:
+    `(process, endpoint URL)`. Installed from npm into `.local-stack/` on first use, as
+    `deploy/local/sqs.sh` does.
+
+    Raises:
+        RuntimeError: Node.js is missing, the install failed, or it did not start within 30 s.
+    """
+    import shutil
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cli = root / ".local-stack" / "node_modules" / "fauxqs" / "dist" / "cli.js"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise RuntimeError("fauxqs needs Node.js 20+ and npm (apt-get install nodejs npm)")
+    if not cli.exists():
+        (root / ".local-stack").mkdir(exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", ".local-stack", "fauxqs@1.9.2"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    port = free_port()
+    process = subprocess.Popen(
+        ["node", str(cli)],
+        env={**os.environ, "FAUXQS_PORT": str(port), "FAUXQS_LOGGER": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process, f"http://127.0.0.1:{port}"
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError("fauxqs did not start")
+        time.sleep(0.1)

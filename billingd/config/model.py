@@ -245,6 +245,10 @@ class SqsSourceSettings(SourceSettings, frozen=True, tag="sqs", kw_only=True):
     endpoint_url: str = ""
     wait_time: Duration = Duration(20)
     visibility_timeout: Duration = Duration(60)
+    sqs_client: Literal["lean", "botocore"] = "lean"
+    """Which client sends the calls that carry the traffic (receive, delete and visibility
+    batches): `lean` (signed by botocore, sent over aiohttp: `billingd.sources.sqs_lean`) or
+    `botocore` (the plain aiobotocore client, for every call)."""
 
     @property
     def fifo(self) -> bool:

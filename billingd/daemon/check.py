@@ -111,11 +111,9 @@ async def broker_warnings(
 
 async def _sqs_retention(source: SqsSourceSettings) -> float:
     """Seconds a message can wait: the queue's retention plus its DLQ's."""
-    from aiobotocore.config import AioConfig
+    from billingd.sources.sqs_client import client_config, sqs_client
 
-    from billingd.sources.sqs_client import sqs_client
-
-    config = AioConfig(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1})
+    config = client_config(connect_timeout=2, read_timeout=3, retries={"max_attempts": 1})
     async with sqs_client(source, config) as client:
         total = 0.0
         for url in filter(None, (source.queue_url, source.dead_letter_queue_url)):

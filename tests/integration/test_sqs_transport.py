@@ -13,10 +13,11 @@ from tests.support import make_settings, running, sqs_source, wait_for
 pytestmark = pytest.mark.anyio
 
 
-async def test_acks_delete_in_batches_and_every_call_is_counted(sqs):
+@pytest.mark.parametrize("client", ["lean", "botocore"])
+async def test_acks_delete_in_batches_and_every_call_is_counted(sqs, client):
     url, dlq = await sqs.queue()
     journal = Journal()
-    source = sqs_source("flaky", url, dlq, sqs.endpoint, handler_options={"fail_attempts": 0})
+    source = sqs_source("flaky", url, dlq, sqs.endpoint, handler_options={"fail_attempts": 0}, sqs_client=client)
     ids = [await sqs.send(url, {"n": i}) for i in range(10)]
     async with running(make_settings([source]), registry(journal)) as daemon:
         acked = daemon.metrics.processed.labels(source["name"], "ack")
@@ -52,10 +53,12 @@ async def test_retry_changes_visibility_and_attempts_come_from_the_receive_count
     assert await sqs.depth(url) == 0
 
 
-async def test_past_max_attempts_goes_to_the_dlq_with_its_attributes(sqs):
+@pytest.mark.parametrize("client", ["lean", "botocore"])
+async def test_past_max_attempts_goes_to_the_dlq_with_its_attributes(sqs, client):
     url, dlq = await sqs.queue()
     journal = Journal()
-    source = sqs_source("flaky", url, dlq, sqs.endpoint, handler_options={"fail_attempts": 99}, max_attempts=2)
+    options = {"fail_attempts": 99}
+    source = sqs_source("flaky", url, dlq, sqs.endpoint, handler_options=options, max_attempts=2, sqs_client=client)
     message_id = await sqs.send(url, "original body", attributes={"trace": "abc"})
     async with running(make_settings([source]), registry(journal)) as daemon:
         dead = daemon.metrics.processed.labels(source["name"], "dead_letter")

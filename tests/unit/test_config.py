@@ -191,3 +191,10 @@ def test_uvloop_is_the_default_loop_and_can_be_switched_off():
     off = parse_config("[daemon]\nuvloop = false\n" + A_SOURCE, {})
     assert loop_options(True) == {"use_uvloop": True}  # uvloop is a dependency on Linux
     assert loop_options(off.daemon.uvloop) == {}
+
+
+def test_sqs_client_is_lean_by_default_and_a_wrong_one_is_named():
+    assert parse_config(A_SOURCE, {}).source("u").sqs_client == "lean"
+    assert parse_config(A_SOURCE + 'sqs_client = "botocore"\n', {}).source("u").sqs_client == "botocore"
+    (error,) = errors_of(A_SOURCE + 'sqs_client = "fast"\n')
+    assert "sqs_client" in error and "lean" in error and "botocore" in error
