@@ -11,8 +11,11 @@ pre-queued messages, in interleaved rounds (the order rotates each round), on uv
 FastStream, CPU time per message (its own process; the brokers' and Redis's CPU is not counted)
 and RSS at the end; for SQS also API calls per message.
 
-* `amqp`: the seed-002 DLR workload (`sms_dlr`) and the bill-event workload (`sms_billing`);
-* `sqs`: seed-001 entitlement usage (`usage`, Redis only) against a raw aioboto3 loop;
+* `amqp`: the seed-002 DLR workload (`sms_dlr`) and the bill-event workload (`sms_billing`),
+  against the raw aio-pika loops — `amqp-raw-callback` (the baseline: `queue.consume` with a
+  callback, messages handled concurrently) and `amqp-raw` (the queue iterator, one at a time);
+* `sqs`: seed-001 entitlement usage (`usage`, Redis only) against a raw aioboto3 loop, billingd
+  on its lean SQS path and on the plain aiobotocore client (`sqs-billingd/botocore`);
 * `curves`: billingd `sms_dlr` throughput against prefetch (1, 10, 20, 50, 100) and, at
   prefetch 100, against concurrency (1, 5, 10, 20, 50, 100);
 * `profile`: billingd `sms_dlr` (or `--target sqs`: `usage`) under py-spy; own time by layer;
@@ -123,7 +126,14 @@ def table(title: str, rows: dict[str, list[dict[str, Any]]], baseline: str, peer
 
 
 async def amqp(args: argparse.Namespace) -> None:
-    contenders = ["amqp-raw", "amqp-faststream", "amqp-billingd", "amqp-billingd/asyncio", "amqp-ceiling"]
+    contenders = [
+        "amqp-raw-callback",
+        "amqp-raw",
+        "amqp-faststream",
+        "amqp-billingd",
+        "amqp-billingd/asyncio",
+        "amqp-ceiling",
+    ]
     if args.only:
         contenders = [c for c in contenders if c in args.only.split(",")]
     for workload in args.workloads.split(","):
@@ -193,16 +203,19 @@ class SqsQueues:
 
 
 async def sqs(args: argparse.Namespace) -> None:
-    contenders = ["sqs-raw", "sqs-billingd"]
+    contenders = ["sqs-raw", "sqs-billingd", "sqs-billingd/botocore"]  # /botocore: sqs_client = "botocore"
     rows: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     async with SqsQueues() as queues:
         for number in range(args.rounds):
-            for name in contenders if number % 2 == 0 else contenders[::-1]:
+            for label in contenders[number % 3 :] + contenders[: number % 3]:
+                name, _, client = label.partition("/")
                 urls, source = await queues.filled(args.messages, args.prefetch)
+                source["sqs_client"] = client or "lean"
                 result = contend(name, {"url": urls[0], "n": args.messages, "source": source, "loop": args.loop})
-                rows[name].append(result)
+                rows[label].append(result)
                 await queues.drop(urls)
-                print(f"  sqs round {number + 1} {name}: {result['rate']:,.0f} msg/s", file=sys.stderr)
+                print(f"  sqs round {number + 1} {label}: {result['rate']:,.0f} msg/s", file=sys.stderr)
+        rows = dict(sorted(rows.items(), key=lambda kv: contenders.index(kv[0])))
     table(
         f"SQS usage (seed 001, Redis only) on fauxqs, {args.messages:,} messages, billingd prefetch "
         f"{args.prefetch}, {args.rounds} interleaved rounds, {args.loop}:",

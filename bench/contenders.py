@@ -9,7 +9,8 @@ JSON body, one Redis write, acknowledge (AMQP ack / SQS delete) after the write.
 
 | name | what |
 |---|---|
-| `amqp-raw` | aio-pika queue iterator at `prefetch`; `json.loads`, awaited `HSET`, `message.ack()` each |
+| `amqp-raw-callback` | aio-pika `queue.consume(callback)` at `prefetch`: the same work, messages handled concurrently |
+| `amqp-raw` | aio-pika queue iterator at `prefetch`; `json.loads`, awaited `HSET`, `message.ack()` each (serially) |
 | `amqp-faststream` | FastStream `RabbitBroker` subscriber, channel prefetch `prefetch`, the same `HSET` |
 | `amqp-billingd` | the billingd daemon with the workload's handler (`sms_dlr`, `sms_billing`: idempotent Lua) |
 | `amqp-ceiling` | aio-pika consuming and acking with `multiple=True` every `prefetch/2` messages, no work |
@@ -83,6 +84,39 @@ async def amqp_raw(args: dict[str, Any]) -> dict[str, Any]:
             if done == n:
                 window.end()
                 break
+    await connection.close()
+    await redis.aclose()
+    return window.result(n)
+
+
+async def amqp_raw_callback(args: dict[str, Any]) -> dict[str, Any]:
+    """aio-pika `queue.consume(callback)`: aiormq runs each delivery's callback as its own task,
+    so up to `prefetch` messages are handled concurrently (the serial iterator loop handles one
+    at a time)."""
+    import aio_pika
+    import redis.asyncio as aioredis
+
+    n, window = args["n"], Window()
+    redis = aioredis.Redis.from_url(REDIS_URL)
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=args["prefetch"])
+    queue = await channel.declare_queue(args["queue"], durable=True, passive=True)
+    done = 0
+
+    async def handle(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal done
+        window.begin()
+        body = json.loads(message.body)
+        await redis.hset(f"raw:{body[args['key']]}", "status", body["status"])
+        await message.ack()
+        done += 1
+        if done == n:
+            window.end()
+
+    tag = await queue.consume(handle)
+    await window.done.wait()
+    await queue.cancel(tag)
     await connection.close()
     await redis.aclose()
     return window.result(n)
@@ -215,6 +249,7 @@ async def sqs_billingd(args: dict[str, Any]) -> dict[str, Any]:
 
 CONTENDERS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "amqp-raw": amqp_raw,
+    "amqp-raw-callback": amqp_raw_callback,
     "amqp-faststream": amqp_faststream,
     "amqp-billingd": amqp_billingd,
     "amqp-ceiling": amqp_ceiling,

@@ -16,6 +16,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from billingd.sources.base import Settlement, Source
+from billingd.supervisors import streams
 
 
 async def run_settler(
@@ -41,21 +42,21 @@ async def run_settler(
 async def _fill(
     batch: list[Settlement], settlements: MemoryObjectReceiveStream[Settlement], most: int, linger: float
 ) -> None:
-    deadline = anyio.current_time() + linger
+    """Add to `batch` until it holds `most` or `linger` seconds have passed: what is already
+    queued at once, then whatever arrives, under one cancel scope for the whole wait."""
     while len(batch) < most:
         try:
             batch.append(settlements.receive_nowait())
-            continue
         except anyio.WouldBlock:
-            pass
+            break
         except anyio.EndOfStream:
             return
-        remaining = deadline - anyio.current_time()
-        if remaining <= 0:
-            return
-        with anyio.move_on_after(remaining):
+    if len(batch) >= most or linger <= 0:
+        return
+    with anyio.move_on_after(linger):
+        while len(batch) < most:
             try:
-                batch.append(await settlements.receive())
+                batch.append(await streams.receive(settlements))
             except anyio.EndOfStream:
                 return
 
