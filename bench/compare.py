@@ -283,8 +283,17 @@ LAYERS = [
 ]
 
 
+#: Whole paths whose share of the samples (inclusive: everything they call) the profile reports.
+PATHS = [
+    ("sqs_lean.py", "the lean SQS path (billingd.sources.sqs_lean: signing, aiohttp, decoding)"),
+    ("aiobotocore/client.py", "aiobotocore client calls (GetQueueAttributes, DLQ sends)"),
+    ("ledger/batch.py", "the Redis command batcher and redis-py under it"),
+]
+
+
 def summarize(path: str) -> tuple[collections.Counter[str], collections.Counter[str], int]:
-    """py-spy's raw (collapsed) samples → own samples by layer, by function, and the total."""
+    """py-spy's raw (collapsed) samples → own samples by layer (and inclusive samples of `PATHS`),
+    by function, and the total."""
     own: collections.Counter[str] = collections.Counter()
     functions: collections.Counter[str] = collections.Counter()
     total = 0
@@ -296,6 +305,9 @@ def summarize(path: str) -> tuple[collections.Counter[str], collections.Counter[
             leaf = stack.split(";")[-1]
             total += int(count)
             own[next((label for key, label in LAYERS if key in leaf), "other (interpreter, stdlib)")] += int(count)
+            for key, label in PATHS:
+                if key in stack:
+                    own["inclusive: " + label] += int(count)
             functions[leaf.split(" (")[0] + " (" + leaf.split("/")[-1]] += int(count)
     return own, functions, total
 
@@ -323,7 +335,11 @@ async def profile(args: argparse.Namespace) -> None:
     print("| layer | share of samples |")
     print("|---|---|")
     for label, count in own.most_common():
-        print(f"| {label} | {count / total:.0%} |")
+        if not label.startswith("inclusive: "):
+            print(f"| {label} | {count / total:.0%} |")
+    for label, count in own.most_common():
+        if label.startswith("inclusive: "):
+            print(f"| {label} | {count / total:.0%} |")
     print("\ntop functions (own time):")
     for name, count in functions.most_common(15):
         print(f"  {count / total:5.1%}  {name}")
