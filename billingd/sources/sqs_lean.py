@@ -27,6 +27,7 @@ serialiser.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 from typing import Any
@@ -97,7 +98,8 @@ class LeanSqs:
     `call(operation, **params)` takes and returns what `client.<operation>(**params)` does
     (botocore's parameter and response shapes, minus `ResponseMetadata`) and raises what it
     raises: the client's modeled `ClientError`s, `NoCredentialsError`, and for an endpoint that
-    does not answer aiohttp's `ClientError`, `OSError` or `TimeoutError` (after the retries).
+    does not answer aiohttp's `ClientError`, `OSError` or `TimeoutError` (after the retries);
+    an answer that is not SQS's JSON raises botocore's `HTTPClientError` (transient, retried).
     """
 
     def __init__(self, client: Any, credentials: Any, *, read_timeout: float, connections: int) -> None:
@@ -156,7 +158,7 @@ class LeanSqs:
         while True:
             try:
                 return await self._send(operation, params)
-            except (msgspec.DecodeError, NoCredentialsError):
+            except NoCredentialsError:
                 raise
             except Exception as exc:  # classified by botocore's retry conditions below
                 delay = self._retry_delay(operation, attempt, exc)
@@ -175,6 +177,8 @@ class LeanSqs:
                 parsed_response=exc.response,
                 http_response=_Status(status),
             )
+        elif isinstance(exc, HTTPClientError):  # an answer that is not SQS JSON
+            context = RetryContext(attempt, caught_exception=exc)
         elif isinstance(exc, aiohttp.ClientError | OSError | TimeoutError):
             context = RetryContext(attempt, caught_exception=HTTPClientError(error=exc))
         else:
@@ -203,7 +207,12 @@ class LeanSqs:
         async with self._http.post(self._url, data=request.data, headers=headers) as response:
             body = await response.read()
             if response.status == 200:
-                return _decoded(operation, body)
+                try:
+                    return _decoded(operation, body)
+                except (msgspec.DecodeError, ValueError) as exc:  # e.g. a proxy's HTML page: a transport fault
+                    raise HTTPClientError(
+                        error=f"{operation} answered 200 with a body that is not SQS JSON: {exc}"
+                    ) from exc
             answer_headers = {k.lower(): v for k, v in response.headers.items()}
         raise self._error(operation, response.status, answer_headers, body)
 
@@ -234,11 +243,19 @@ _decode = msgspec.json.Decoder(dict[str, Any])
 
 
 def _decoded(operation: str, body: bytes) -> dict[str, Any]:
-    """A success answer as botocore gives it: `BinaryValue`s of received messages as bytes."""
+    """A success answer as botocore gives it: `BinaryValue`s of received messages as bytes. A value
+    that is not base64 stays a string (the source skips it: that message loses one attribute,
+    the batch nothing).
+
+    Raises:
+        msgspec.DecodeError: the body is not a JSON object.
+    """
     answer = _decode.decode(body) if body else {}
-    if operation == "ReceiveMessage":
-        for message in answer.get("Messages") or ():
-            for value in (message.get("MessageAttributes") or {}).values():
-                if isinstance(value, dict) and isinstance(value.get("BinaryValue"), str):
-                    value["BinaryValue"] = base64.b64decode(value["BinaryValue"])
+    messages = answer.get("Messages") if operation == "ReceiveMessage" else None
+    for message in messages if isinstance(messages, list) else ():
+        attributes = message.get("MessageAttributes") if isinstance(message, dict) else None
+        for value in attributes.values() if isinstance(attributes, dict) else ():
+            if isinstance(value, dict) and isinstance(value.get("BinaryValue"), str):
+                with contextlib.suppress(ValueError):
+                    value["BinaryValue"] = base64.b64decode(value["BinaryValue"], validate=True)
     return answer

@@ -13,7 +13,8 @@ botocore's SQS model and its query-compatible error parsing expect):
   `expired` gets 400 `ExpiredToken` (AWS common errors: "The security token included in the
   request is expired");
 * **throttling**: `throttle(n)` answers the next `n` requests with 400 `RequestThrottled`
-  (botocore's SQS model: the request rate exceeds SQS's limits).
+  (botocore's SQS model: the request rate exceeds SQS's limits);
+* **a broken proxy**: `garble(n)` answers the next `n` requests 200 with an HTML page.
 
 `requests` records `(X-Amz-Target, access key, status)` of each request.
 """
@@ -56,6 +57,7 @@ class SqsGate(Double):
     expired: set[str] = field(default_factory=set)
     seen: list[Seen] = field(default_factory=list)
     _throttle: int = 0
+    _garble: int = 0
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -63,6 +65,10 @@ class SqsGate(Double):
     def throttle(self, count: int) -> None:
         """Answer the next `count` requests with `RequestThrottled`."""
         self._throttle = count
+
+    def garble(self, count: int) -> None:
+        """Answer the next `count` requests 200 with a body that is not JSON."""
+        self._garble = count
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -76,6 +82,9 @@ class SqsGate(Double):
             self._throttle -= 1
             refusal = _error(400, "RequestThrottled", "Request is throttled.")
         target = request.headers.get("X-Amz-Target", "")
+        if refusal is None and self._garble > 0:
+            self._garble -= 1
+            refusal = web.Response(status=200, body=b"<html>upstream gone</html>", content_type="text/html")
         if refusal is not None:
             self.seen.append(Seen(target, key, refusal.status))
             return refusal

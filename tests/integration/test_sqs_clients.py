@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from billingd.config.model import SqsSourceSettings
 from billingd.sources.sqs import _snake
@@ -186,6 +186,18 @@ async def test_throttling_is_retried_alike_then_raised_alike(fauxqs_endpoint: st
             errors[kind] = (await error_of(c[kind]("ReceiveMessage", QueueUrl=url, **RECEIVE)), len(gate.seen))
     assert errors["lean"] == errors["botocore"]
     assert errors["lean"][0][1]["Code"] == "RequestThrottled" and errors["lean"][1] == 4
+
+
+async def test_an_answer_that_is_not_json_is_a_transient_error_of_the_lean_path(fauxqs_endpoint: str) -> None:
+    async with gated(fauxqs_endpoint, keys={"test": "test"}) as (gate, c):
+        url = await new_queue(c["admin"])
+        gate.garble(1)  # once: retried, then the emulator answers
+        gate.seen.clear()
+        assert await c["lean"]("ReceiveMessage", QueueUrl=url, **RECEIVE) == {}
+        assert [s.status for s in gate.seen] == [200, 200]
+        gate.garble(4)
+        with pytest.raises(BotoCoreError):  # the sources treat it as SQS unreachable: back off, poll again
+            await c["lean"]("ReceiveMessage", QueueUrl=url, **RECEIVE)
 
 
 @pytest.mark.parametrize(
