@@ -60,5 +60,11 @@ async def open_source_clients(
     client = await stack.enter_async_context(sqs_client(settings, config, session))
     if settings.sqs_client != "lean":
         return client, None
-    lean = LeanSqs(client, await session.get_credentials(), read_timeout=read_timeout, connections=connections)
+    lean = LeanSqs(
+        client,
+        await session.get_credentials(),
+        read_timeout=read_timeout,
+        connections=connections,
+        ca_bundle=session.get_config_variable("ca_bundle"),  # AWS_CA_BUNDLE or a profile's ca_bundle
+    )
     return client, await stack.enter_async_context(lean)

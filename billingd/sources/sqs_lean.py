@@ -30,7 +30,9 @@ import base64
 import contextlib
 import hashlib
 import json
+import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
@@ -38,8 +40,10 @@ import msgspec
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+from botocore.httpsession import get_cert_path
 from botocore.parsers import create_parser
 from botocore.retries.standard import ExponentialBackoff, RetryContext, StandardRetryConditions
+from botocore.utils import get_environ_proxies
 
 import billingd
 
@@ -102,7 +106,9 @@ class LeanSqs:
     an answer that is not SQS's JSON raises botocore's `HTTPClientError` (transient, retried).
     """
 
-    def __init__(self, client: Any, credentials: Any, *, read_timeout: float, connections: int) -> None:
+    def __init__(
+        self, client: Any, credentials: Any, *, read_timeout: float, connections: int, ca_bundle: str | None = None
+    ) -> None:
         meta = client.meta
         self._client = client
         self._credentials = credentials
@@ -116,12 +122,27 @@ class LeanSqs:
         self._backoff = ExponentialBackoff()
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=read_timeout)
         self._connections = connections
+        self._ca_bundle = ca_bundle
+        # botocore's choice of proxy, made once: the client's `proxies`, else HTTPS_PROXY /
+        # HTTP_PROXY unless NO_PROXY covers the endpoint (aiohttp's trust_env would read the
+        # environment and ~/.netrc again on every request, in a thread)
+        proxies = meta.config.proxies or get_environ_proxies(self._url)
+        self._proxy: str | None = proxies.get(urlsplit(self._url).scheme)
         self._http: aiohttp.ClientSession | None = None
 
+    @property
+    def proxy(self) -> str | None:
+        """The proxy requests go through (None: direct)."""
+        return self._proxy
+
     async def __aenter__(self) -> LeanSqs:
-        connector = aiohttp.TCPConnector(limit=self._connections, enable_cleanup_closed=True)
+        """Open the HTTP session: TLS verified against botocore's CA bundle (`AWS_CA_BUNDLE` /
+        `ca_bundle` when set, else the one botocore ships or certifi's), through the proxy
+        botocore would use."""
+        context = ssl.create_default_context(cafile=self._ca_bundle or get_cert_path(True))
+        connector = aiohttp.TCPConnector(limit=self._connections, enable_cleanup_closed=True, ssl=context)
         self._http = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, headers={"User-Agent": USER_AGENT}, auto_decompress=True
+            connector=connector, timeout=self._timeout, headers={"User-Agent": USER_AGENT}
         )
         return self
 
@@ -204,7 +225,7 @@ class LeanSqs:
         request = self.signed(operation, params, credentials)
         assert self._http is not None, "LeanSqs used outside `async with`"
         headers = dict(request.headers.items())
-        async with self._http.post(self._url, data=request.data, headers=headers) as response:
+        async with self._http.post(self._url, data=request.data, headers=headers, proxy=self._proxy) as response:
             body = await response.read()
             if response.status == 200:
                 try:

@@ -200,6 +200,20 @@ async def test_an_answer_that_is_not_json_is_a_transient_error_of_the_lean_path(
             await c["lean"]("ReceiveMessage", QueueUrl=url, **RECEIVE)
 
 
+@pytest.mark.parametrize(("no_proxy", "expected"), [("", "http://proxy.invalid:3128"), ("localhost", None)])
+async def test_the_lean_path_takes_the_proxy_botocore_takes(
+    monkeypatch: pytest.MonkeyPatch, no_proxy: str, expected: str | None
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    settings = SqsSourceSettings(
+        name="contract", handler="usage", queue_url="unused", endpoint_url="http://localhost:9"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        _, lean = await open_source_clients(stack, settings, connections=2)
+        assert lean is not None and lean.proxy == expected
+
+
 @pytest.mark.parametrize(
     ("keys", "code"), [({"test": "not-the-secret"}, "SignatureDoesNotMatch"), ({}, "InvalidClientTokenId")]
 )
