@@ -120,8 +120,15 @@ class CommandBatcher:
         self._encoded(args)
 
     def _encoded(self, args: Sequence[Any]) -> list[bytes]:
+        """`args` as redis-py encodes them (str as UTF-8, int in decimal); the exact types bytes,
+        str and int take a fast path, anything else (float, bool, None…) redis-py's encoder."""
+        encode = self._encode
         try:
-            return [self._encode(arg) for arg in args]
+            return [
+                arg if type(arg) is bytes else arg.encode() if type(arg) is str else str(arg).encode()
+                if type(arg) is int else encode(arg)
+                for arg in args
+            ]  # fmt: skip
         except (DataError, ValueError, TypeError) as exc:  # e.g. an int beyond 4,300 digits, None
             raise DataError(f"cannot encode a Redis argument: {exc}"[:300]) from None
 

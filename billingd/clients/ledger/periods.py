@@ -8,6 +8,7 @@ Unix seconds, UTC.
 from __future__ import annotations
 
 import calendar
+import functools
 from datetime import UTC, datetime, timedelta
 
 PERIODS = ("day", "week", "month", "year", "none")
@@ -60,7 +61,13 @@ def period_containing(period: str, anchor: int, now: int) -> tuple[int, int]:
 
 
 def calendar_month(now: int) -> tuple[int, int]:
-    """`(start, end)` of the UTC calendar month containing `now`."""
-    moment = datetime.fromtimestamp(now, UTC)
+    """`(start, end)` of the UTC calendar month containing `now` (Unix seconds)."""
+    return _month_of_day(now // 86_400)  # months begin at a UTC midnight: the day decides
+
+
+@functools.lru_cache(maxsize=8)
+def _month_of_day(day: int) -> tuple[int, int]:
+    """`calendar_month` of day `day` since the epoch (UTC), cached: every event of a day asks the same."""
+    moment = datetime.fromtimestamp(day * 86_400, UTC)
     start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     return int(start.timestamp()), int(_add_months(start, 1).timestamp())
