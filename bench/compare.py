@@ -16,6 +16,8 @@ and RSS at the end; for SQS also API calls per message.
   callback, messages handled concurrently) and `amqp-raw` (the queue iterator, one at a time);
 * `sqs`: seed-001 entitlement usage (`usage`, Redis only) against a raw aioboto3 loop, billingd
   on its lean SQS path and on the plain aiobotocore client (`sqs-billingd/botocore`);
+* `floor`: billingd as shipped against billingd whose handler acks at once (`sms_dlr` on AMQP,
+  `usage` on SQS): what the transport, actor and settler cost without the handler's work;
 * `curves`: billingd `sms_dlr` throughput against prefetch (1, 10, 20, 50, 100) and, at
   prefetch 100, against concurrency (1, 5, 10, 20, 50, 100);
 * `profile`: billingd `sms_dlr` (or `--target sqs`: `usage`) under py-spy; own time by layer;
@@ -247,6 +249,34 @@ async def fill(client: Any, url: str, n: int, users: Sequence[str], run: str) ->
         await asyncio.gather(*(batch(offset) for offset in range(start, min(n, start + 500), 10)))
 
 
+async def floor(args: argparse.Namespace) -> None:
+    """billingd as shipped against billingd whose handler acks at once, interleaved, per transport."""
+    rows: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    async with SqsQueues() as queues:
+        for number in range(args.rounds):
+            for name in ["amqp-billingd", "amqp-billingd-floor", "sqs-billingd", "sqs-billingd-floor"][
+                :: 1 - 2 * (number % 2)
+            ]:
+                spec: dict[str, Any] = {"n": args.messages, "loop": args.loop}
+                if name.startswith("amqp"):
+                    source = await amqp_queue("dlr", args.messages, 20)
+                    rows[name].append(contend(name, {**spec, "source": source}))
+                    await drop_amqp(source)
+                else:
+                    urls, source = await queues.filled(args.messages, 40)
+                    rows[name].append(contend(name, {**spec, "source": source}))
+                    await queues.drop(urls)
+                print(f"  floor round {number + 1} {name}: {rows[name][-1]['rate']:,.0f} msg/s", file=sys.stderr)
+    print(
+        f"\nbillingd as shipped and with its handler acking at once, {args.messages:,} messages, {args.rounds} rounds:"
+    )
+    print("| contender | msg/s (median) | CPU µs/msg |")
+    print("|---|---|---|")
+    for name, results in rows.items():
+        m = median_row(results)
+        print(f"| {name} | {m['rate']:,.0f} | {m['cpu_us']:.0f} |")
+
+
 async def curves(args: argparse.Namespace) -> None:
     print(f"\nbillingd sms_dlr, {args.messages:,} messages, {args.loop}; median of {args.rounds}:")
     print("| prefetch | concurrency | msg/s | CPU µs/msg |")
@@ -419,7 +449,7 @@ async def processed(port: int, source: str, n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["amqp", "sqs", "curves", "profile", "footprint", "all"])
+    parser.add_argument("what", choices=["amqp", "sqs", "floor", "curves", "profile", "footprint", "all"])
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--prefetch", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
@@ -433,6 +463,7 @@ def main() -> None:
         "amqp": (20_000, 20),
         "sqs": (10_000, 40),
         "curves": (10_000, 20),
+        "floor": (10_000, 20),
         "profile": (40_000, 20),
         "footprint": (200_000, 20),
     }
@@ -440,11 +471,11 @@ def main() -> None:
         messages, prefetch = defaults["sqs" if args.what == "profile" and args.target == "sqs" else args.what]
         args.messages = args.messages or messages
         args.prefetch = args.prefetch or prefetch
-    commands = {"amqp": amqp, "sqs": sqs, "curves": curves, "profile": profile, "footprint": footprint}
+    commands = {"amqp": amqp, "sqs": sqs, "floor": floor, "curves": curves, "profile": profile, "footprint": footprint}
     if args.what != "all":
         asyncio.run(commands[args.what](args))
         return
-    for what, target in [("amqp", "amqp"), ("sqs", "amqp"), ("curves", "amqp"), ("profile", "amqp"),
+    for what, target in [("amqp", "amqp"), ("sqs", "amqp"), ("floor", "amqp"), ("curves", "amqp"), ("profile", "amqp"),
                          ("profile", "sqs"), ("footprint", "amqp")]:  # fmt: skip
         step = argparse.Namespace(**{**vars(args), "what": what, "target": target})
         key = "sqs" if what == "profile" and target == "sqs" else what

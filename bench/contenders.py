@@ -16,6 +16,7 @@ JSON body, one Redis write, acknowledge (AMQP ack / SQS delete) after the write.
 | `amqp-ceiling` | aio-pika consuming and acking with `multiple=True` every `prefetch/2` messages, no work |
 | `sqs-raw` | aioboto3, 4 pollers × receive 10; `json.loads`, awaited `HINCRBY`; `DeleteMessageBatch` |
 | `sqs-billingd` | the billingd daemon with the `usage` handler (seed 001 entitlements, Redis only) |
+| `*-billingd-floor` | billingd with the handler replaced by an immediate ack: transport, actor, settler, acks only |
 
 `loop` (`uvloop` or `asyncio`) picks the event loop for every contender alike.
 """
@@ -247,6 +248,30 @@ async def sqs_billingd(args: dict[str, Any]) -> dict[str, Any]:
     return window.result(args["n"], calls=calls / args["n"])
 
 
+def _ack_at_once() -> None:
+    """Replace the benchmarked handlers' work by an immediate ack (this process only): what is
+    left is the transport, the actor, the settler and the acks — billingd's floor."""
+    from billingd.handlers.outcome import ACK
+    from billingd.handlers.sms_dlr import SmsDlrHandler
+    from billingd.handlers.usage import UsageHandler
+
+    async def handle(self: object, message: object) -> Any:
+        return ACK
+
+    SmsDlrHandler.handle = handle  # type: ignore[method-assign]
+    UsageHandler.handle = handle  # type: ignore[method-assign]
+
+
+async def amqp_billingd_floor(args: dict[str, Any]) -> dict[str, Any]:
+    _ack_at_once()
+    return await amqp_billingd(args)
+
+
+async def sqs_billingd_floor(args: dict[str, Any]) -> dict[str, Any]:
+    _ack_at_once()
+    return await sqs_billingd(args)
+
+
 CONTENDERS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "amqp-raw": amqp_raw,
     "amqp-raw-callback": amqp_raw_callback,
@@ -255,6 +280,8 @@ CONTENDERS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "amqp-ceiling": amqp_ceiling,
     "sqs-raw": sqs_raw,
     "sqs-billingd": sqs_billingd,
+    "amqp-billingd-floor": amqp_billingd_floor,
+    "sqs-billingd-floor": sqs_billingd_floor,
 }
 
 
