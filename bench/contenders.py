@@ -64,16 +64,22 @@ class Window:
         return {"rate": n / self.seconds, "cpu_us": self.cpu_seconds / n * 1e6, "rss_mb": rss_mb(), **extra}
 
 
-async def amqp_raw(args: dict[str, Any]) -> dict[str, Any]:
+async def _raw_queue(args: dict[str, Any]) -> tuple[Any, Any]:
+    """aio-pika's connection and the benchmark queue, with the channel's prefetch set."""
     import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=args["prefetch"])
+    return connection, await channel.declare_queue(args["queue"], durable=True, passive=True)
+
+
+async def amqp_raw(args: dict[str, Any]) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
     n, window = args["n"], Window()
     redis = aioredis.Redis.from_url(REDIS_URL)
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=args["prefetch"])
-    queue = await channel.declare_queue(args["queue"], durable=True, passive=True)
+    connection, queue = await _raw_queue(args)
     done = 0
     async with queue.iterator() as messages:
         async for message in messages:
@@ -99,10 +105,7 @@ async def amqp_raw_callback(args: dict[str, Any]) -> dict[str, Any]:
 
     n, window = args["n"], Window()
     redis = aioredis.Redis.from_url(REDIS_URL)
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=args["prefetch"])
-    queue = await channel.declare_queue(args["queue"], durable=True, passive=True)
+    connection, queue = await _raw_queue(args)
     done = 0
 
     async def handle(message: aio_pika.abc.AbstractIncomingMessage) -> None:

@@ -527,7 +527,6 @@ def start_moto() -> tuple[Any, str]:
     """
     import subprocess
     import sys
-    import time
 
     port = free_port()
     process = subprocess.Popen(
@@ -535,15 +534,7 @@ def start_moto() -> tuple[Any, str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return process, f"http://127.0.0.1:{port}"
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise RuntimeError("moto server did not start")
-        time.sleep(0.1)
+    return process, _listening(process, port, "moto server")
 
 
 def start_fauxqs() -> tuple[Any, str]:
@@ -556,7 +547,6 @@ def start_fauxqs() -> tuple[Any, str]:
     """
     import shutil
     import subprocess
-    import time
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
@@ -579,12 +569,23 @@ def start_fauxqs() -> tuple[Any, str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
+    return process, _listening(process, port, "fauxqs")
+
+
+def _listening(process: Any, port: int, what: str, within: float = 30.0) -> str:
+    """`http://127.0.0.1:port` once `process` accepts connections there.
+
+    Raises:
+        RuntimeError: it exited, or did not listen within `within` seconds (it is killed).
+    """
+    import time
+
+    deadline = time.monotonic() + within
     while True:
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return process, f"http://127.0.0.1:{port}"
+                return f"http://127.0.0.1:{port}"
         if time.monotonic() > deadline or process.poll() is not None:
             process.kill()
-            raise RuntimeError("fauxqs did not start")
+            raise RuntimeError(f"{what} did not start")
         time.sleep(0.1)
