@@ -60,10 +60,13 @@ class _Signer(SigV4Auth):  # type: ignore[misc]  # botocore has no type hints
     headers to sign are selected once per request (botocore selects them twice), the body's
     SHA-256 is taken from the bytes we built (botocore's `AWSRequest.body` prepares the whole
     request again to read it), and the signing key — HMAC chain of the secret, date, region and
-    service — is derived once per day and credential. The result is botocore's, byte for byte
-    (`tests/integration/test_sqs_clients.py` compares the `Authorization` of both)."""
+    service — is derived once per day and credential, into `keys` (the `LeanSqs`'s own cache).
+    The result is botocore's, byte for byte (`tests/integration/test_sqs_clients.py` compares the
+    `Authorization` of both)."""
 
-    _keys: dict[tuple[str, str, str, str], bytes] = {}  # noqa: RUF012 — derived keys are pure functions of the key
+    def __init__(self, credentials: Any, service: str, region: str, keys: dict[tuple[str, str], bytes]) -> None:
+        super().__init__(credentials, service, region)
+        self._keys = keys
 
     def headers_to_sign(self, request: AWSRequest) -> Any:
         selected = request.context.get("billingd.headers_to_sign")
@@ -78,7 +81,7 @@ class _Signer(SigV4Auth):  # type: ignore[misc]  # botocore has no type hints
 
     def signature(self, string_to_sign: str, request: AWSRequest) -> str:
         day = request.context["timestamp"][0:8]
-        index = (self.credentials.secret_key, day, self._region_name, self._service_name)
+        index = (self.credentials.secret_key, day)  # one region and service per LeanSqs
         key = self._keys.get(index)
         if key is None:
             key = self._sign(f"AWS4{self.credentials.secret_key}".encode(), day)
@@ -118,6 +121,7 @@ class LeanSqs:
         self._signing_name = meta.service_model.signing_name or "sqs"
         self._target = meta.service_model.metadata.get("targetPrefix", "AmazonSQS")
         self._error_parser = create_parser("json")
+        self._signing_keys: dict[tuple[str, str], bytes] = {}
         self._retry = StandardRetryConditions(max_attempts=total_attempts(meta.config.retries))
         self._backoff = ExponentialBackoff()
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT, sock_read=read_timeout)
@@ -163,7 +167,7 @@ class LeanSqs:
             data=json.dumps(params).encode(),
             headers={"X-Amz-Target": f"{self._target}.{operation}", "Content-Type": _JSON, "x-amzn-query-mode": "true"},
         )
-        signer = _Signer(credentials, self._signing_name, self._region)
+        signer = _Signer(credentials, self._signing_name, self._region, self._signing_keys)
         if timestamp is None:
             signer.add_auth(request)
         else:  # what add_auth does, at a given time (for the equality test against botocore)
