@@ -61,7 +61,7 @@ from billingd.sources.sqs_calls import SqsCalls
 from billingd.sources.sqs_client import open_source_clients
 from billingd.sources.sqs_lean import LEAN_OPERATIONS, LeanSqs
 from billingd.sources.sqs_wire import TRANSIENT as _TRANSIENT
-from billingd.sources.sqs_wire import read_attributes, receive_count
+from billingd.sources.sqs_wire import read_attributes, receive_count, settleable
 
 log = structlog.get_logger("billingd.sources.sqs")
 
@@ -212,7 +212,9 @@ class SqsSource:
             except (ClientError, *_TRANSIENT) as exc:
                 raise SourceUnavailable(f"ReceiveMessage failed: {exc}") from exc
             self._events.connection_changed(True, "")
-            messages = response.get("Messages")
+            messages, dropped = settleable(response.get("Messages"))
+            if dropped:
+                log.error("sqs answer held entries without a receipt handle; skipped", source=self.name, count=dropped)
             if messages:
                 deadline = anyio.current_time() + self._lease
                 return [self._delivery(m, deadline) for m in messages]

@@ -115,7 +115,9 @@ class LeanSqs:
         meta = client.meta
         self._client = client
         self._credentials = credentials
-        self._url = meta.endpoint_url
+        # the request URL as botocore sends it (`AWSRequest` gives an empty path "/"): a proxy gets
+        # the absolute form `POST http://host/`, never a target without a path
+        self._url = meta.endpoint_url if urlsplit(meta.endpoint_url).path else meta.endpoint_url + "/"
         self._region = meta.region_name
         self._service = meta.service_model
         self._signing_name = meta.service_model.signing_name or "sqs"

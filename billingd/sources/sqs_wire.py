@@ -93,3 +93,14 @@ def receive_count(value: object) -> int:
         return max(1, min(int(str(value)), 1_000_000))
     except ValueError:
         return 1
+
+
+def settleable(messages: object) -> tuple[list[dict[str, Any]], int]:
+    """`(kept, dropped)`: the entries of a `ReceiveMessage` answer's `Messages` that can be
+    settled — objects with a text `ReceiptHandle` — and how many others there were (an
+    emulator's or a proxy's garbage: without a receipt handle nothing can delete or dead-letter
+    them; the rest of the batch goes on)."""
+    if not isinstance(messages, list):
+        return [], 0 if messages is None else 1
+    kept = [m for m in messages if isinstance(m, dict) and isinstance(m.get("ReceiptHandle"), str)]
+    return kept, len(messages) - len(kept)

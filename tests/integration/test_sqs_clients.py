@@ -200,18 +200,21 @@ async def test_an_answer_that_is_not_json_is_a_transient_error_of_the_lean_path(
             await c["lean"]("ReceiveMessage", QueueUrl=url, **RECEIVE)
 
 
-@pytest.mark.parametrize(("no_proxy", "expected"), [("", "http://proxy.invalid:3128"), ("localhost", None)])
-async def test_the_lean_path_takes_the_proxy_botocore_takes(
-    monkeypatch: pytest.MonkeyPatch, no_proxy: str, expected: str | None
+@pytest.mark.parametrize("bypassed", [False, True])
+async def test_both_clients_take_the_proxy_of_the_environment(
+    fauxqs_endpoint: str, monkeypatch: pytest.MonkeyPatch, bypassed: bool
 ) -> None:
-    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
-    monkeypatch.setenv("NO_PROXY", no_proxy)
-    settings = SqsSourceSettings(
-        name="contract", handler="usage", queue_url="unused", endpoint_url="http://localhost:9"
-    )
-    async with contextlib.AsyncExitStack() as stack:
-        _, lean = await open_source_clients(stack, settings, connections=2)
-        assert lean is not None and lean.proxy == expected
+    gate = SqsGate(upstream=fauxqs_endpoint, keys={"test": "test"})  # also serves as an HTTP forward proxy
+    async with gate.running():
+        monkeypatch.setenv("HTTP_PROXY", gate.url)
+        monkeypatch.setenv("NO_PROXY", "localhost" if bypassed else "")
+        async with clients(fauxqs_endpoint.replace("127.0.0.1", "localhost")) as c:
+            url = await new_queue(c["admin"])
+            for kind in KINDS:
+                gate.seen.clear()
+                assert await c[kind]("ReceiveMessage", QueueUrl=url, **RECEIVE) == {}
+                expected = [] if bypassed else ["AmazonSQS.ReceiveMessage"]
+                assert [s.target for s in gate.seen] == expected, kind
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from billingd.sources.letters import sqs_text as _text
 from billingd.sources.sqs_wire import chunks as _chunks
 from billingd.sources.sqs_wire import entry_size as _size
-from billingd.sources.sqs_wire import read_attributes
+from billingd.sources.sqs_wire import read_attributes, settleable
 from billingd.sources.sqs_wire import receive_count as _count
 
 DATA_TYPES = st.sampled_from(["String", "Number", "Binary", "String.x", "Number.int", "Binary.png", "", "Nonsense"])
@@ -52,3 +52,11 @@ def test_batches_stay_under_the_size_limit():
     chunks = _chunks(entries)
     assert [len(c) for c in chunks] == [2, 2, 2, 1]
     assert all(sum(_size(e) for e in c) <= 256 * 1024 for c in chunks)
+
+
+def test_answer_entries_without_a_receipt_handle_are_skipped_and_the_rest_kept() -> None:
+    good = {"MessageId": "m-1", "ReceiptHandle": "rh-1", "Body": "{}"}
+    junk = ["text", 7, None, {"MessageId": "m-2"}, {"ReceiptHandle": 12345}, {"ReceiptHandle": ["a"]}]
+    assert settleable([junk[0], good, *junk[1:]]) == ([good], len(junk))
+    assert settleable({"ReceiptHandle": "rh"}) == ([], 1)  # not a list at all
+    assert settleable(None) == ([], 0)  # an empty receive
