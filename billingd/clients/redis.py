@@ -43,8 +43,10 @@ TRANSIENT_REDIS_ERRORS: tuple[type[Exception], ...] = (
 )
 
 #: Error-reply prefixes that mean "not now" rather than "not this data" (Redis's own codes:
-#: a script still running, memory full, replicas missing, cluster down or resharding, auth).
+#: a script still running, memory full, persistence failing, replicas missing, cluster down or
+#: resharding, auth). Each is about the server, never about the command's data (DESIGN §10).
 TRANSIENT_REPLY_PREFIXES = (
+    "MISCONF",
     "BUSY",
     "OOM",
     "MASTERDOWN",
@@ -61,9 +63,41 @@ TRANSIENT_REPLY_PREFIXES = (
 )
 
 
+#: Error replies without a code of their own that are about the server too.
+_TRANSIENT_REPLY_TEXT = ("max number of clients reached",)
+
+#: What an operator does about each unavailable state (logged with the breaker's failures, so the
+#: log that says intake paused also says why and what to fix).
+FIXES = {
+    "MISCONF": "Redis cannot persist (disk full or its dir not writable) and refuses writes: fix its storage; "
+    "writes resume after a successful BGSAVE",
+    "OOM": "Redis is at maxmemory: raise maxmemory (billingd's keys must not be evicted: use noeviction)",
+    "READONLY": "billingd is talking to a replica: point [redis].url at the master, or use sentinels or cluster",
+    "MASTERDOWN": "the replica lost its master: check the master and the failover",
+    "NOREPLICAS": "fewer replicas than [redis].min_replicas_acked answer: check the replicas",
+    "LOADING": "Redis is loading its dataset after a restart: it answers once loaded",
+    "BUSY": "a script is running too long on Redis: check SLOWLOG",
+    "CLUSTERDOWN": "the Redis Cluster lost slots: check its nodes",
+    "NOAUTH": "Redis wants a password: set it in [redis].url",
+    "WRONGPASS": "Redis refused the user or password of [redis].url",
+    "NOPERM": "the Redis ACL user of [redis].url lacks a permission billingd needs (+@all on billingd:* keys)",
+}
+
+
 def is_transient_reply(exc: ResponseError) -> bool:
     """Whether an error reply says Redis is unavailable now (retry) rather than refusing the data."""
-    return isinstance(exc, TRANSIENT_REDIS_ERRORS) or str(exc).lstrip().startswith(TRANSIENT_REPLY_PREFIXES)
+    text = str(exc).lstrip()
+    return (
+        isinstance(exc, TRANSIENT_REDIS_ERRORS)
+        or text.startswith(TRANSIENT_REPLY_PREFIXES)
+        or any(part in text for part in _TRANSIENT_REPLY_TEXT)
+    )
+
+
+def fix_for(exc: BaseException) -> str | None:
+    """What to do about Redis being unavailable with `exc`, when Redis said why (its error code)."""
+    code = str(exc).lstrip().split(" ", 1)[0]
+    return FIXES.get(code)
 
 
 #: A single Redis or a Redis Cluster: the ledgers use only what both offer (commands, scripts,

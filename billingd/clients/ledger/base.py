@@ -15,7 +15,7 @@ from redis.exceptions import DataError, NoScriptError, ResponseError
 from billingd.clients.errors import DownstreamError, DownstreamRejected, DownstreamUnavailable, Guard
 from billingd.clients.ledger.batch import BatchAborted, CommandBatcher
 from billingd.clients.ledger.scripts import Script
-from billingd.clients.redis import TRANSIENT_REDIS_ERRORS, RedisClient, is_transient_reply
+from billingd.clients.redis import TRANSIENT_REDIS_ERRORS, RedisClient, fix_for, is_transient_reply
 from billingd.telemetry.tracing import child_span
 
 #: Errors of one Redis call that `classify` turns into a downstream outcome.
@@ -107,8 +107,15 @@ class RedisLedger:
 
 
 def classify(exc: BaseException) -> DownstreamError:
-    """A redis-py error as transient (`DownstreamUnavailable`) or permanent (`DownstreamRejected`)."""
+    """A redis-py error as transient (`DownstreamUnavailable`) or permanent (`DownstreamRejected`).
+
+    Only a refusal of this command's data is permanent; an answer about the server's state
+    (`MISCONF`, `READONLY`, `OOM`, `LOADING`, `BUSY`, `MASTERDOWN`, `NOREPLICAS`, auth, …) is
+    unavailability, its detail naming the fix (`billingd.clients.redis.FIXES`)."""
     detail = f"{type(exc).__name__}: {exc}"[:500]
+    fix = fix_for(exc)
+    if fix is not None:
+        detail = f"{detail} — fix: {fix}"
     if isinstance(exc, ResponseError) and str(exc).startswith("NOREPLICAS"):
         # the effect is on the master, not yet on enough replicas (`min_replicas_acked`): retried
         # until it is (idempotent), never an attempt — a replica outage must not dead-letter it
