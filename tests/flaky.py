@@ -26,6 +26,8 @@ class FlakyOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     only: str = ""  # when set, only bodies containing this text fail
     bogus: str = ""  # bodies containing this text get an outcome that is none of the three: a bug
     stuck: str = ""  # "shielded": `sleep` ignores cancellation; "blocking": `sleep` blocks the event loop
+    shared_calls: int = 0  # the first calls of each message meet an outage others meet too (uncounted)
+    own_calls: int = 0  # the calls after those fail on their own (counted), then the message is acked
 
 
 @dataclass
@@ -60,11 +62,20 @@ class FlakyHandler:
         self.journal.ends[message.message_id] = anyio.current_time()
         if self.options.bogus and self.options.bogus.encode() in message.body:
             return "not an outcome"  # type: ignore[return-value] — a handler bug the actor cannot settle
+        calls = len(self.journal.calls[message.message_id])
+        if calls <= self.options.shared_calls:
+            raise DownstreamUnavailable("test", f"scripted outage on call {calls}")  # no breaker judged it own
+        if calls <= self.options.shared_calls + self.options.own_calls:
+            failure = DownstreamUnavailable("test", f"scripted own failure on call {calls}")
+            failure.own = True
+            raise failure
         chosen = not self.options.only or self.options.only.encode() in message.body
         if chosen and message.attempt <= self.options.fail_attempts:
             if self.options.error == "bug":
                 raise RuntimeError(f"scripted bug on attempt {message.attempt}")
-            raise DownstreamUnavailable("test", f"scripted failure on attempt {message.attempt}")
+            failure = DownstreamUnavailable("test", f"scripted failure on attempt {message.attempt}")
+            failure.own = True  # as a breaker judges a failure that this message alone meets
+            raise failure
         return ACK
 
 

@@ -18,6 +18,7 @@ so the dependency arrow keeps pointing down (daemon → supervisors → handlers
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Protocol, TypeVar
 
 T = TypeVar("T")
@@ -31,14 +32,42 @@ class DownstreamError(Exception):
         self.downstream = downstream
         self.detail = detail
 
+    def __copy__(self) -> DownstreamError:
+        """A copy with the same class and fields and no traceback of its own yet: one failure
+        handed to several callers is raised as a copy by each (a shared exception object would
+        grow its traceback with every raise)."""
+        clone = type(self).__new__(type(self))
+        clone.args = self.args
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+
+#: The id of the message the current task is handling (set by the source actor around each
+#: handler call; None elsewhere). A breaker reads it to tell one message's own failures from an
+#: outage that every message meets (`billingd.supervisors.breaker`).
+CURRENT_MESSAGE: ContextVar[str | None] = ContextVar("billingd_current_message", default=None)
+
 
 class DownstreamUnavailable(DownstreamError):
-    """A transient failure: the same call may succeed later. `counts` False: its retry is not an
-    attempt (the effect happened but is not yet durable enough to ack, e.g. Redis replicas behind)."""
+    """A transient failure: the same call may succeed later.
+
+    `counts` False: its retry is never an attempt (the effect happened but is not yet durable
+    enough to ack, e.g. Redis replicas behind). `own`: set by the breaker the call went through —
+    True when the failure is this message's own (the downstream served calls made after it, or
+    the message failed a half-open probe that no other message was waiting on), False when it is
+    an outage other messages meet too, None when no breaker judged it. Only an own failure is an
+    attempt (DESIGN §10: unavailability never brings a valid message nearer its dead letter).
+    """
 
     def __init__(self, downstream: str, detail: str, *, counts: bool = True) -> None:
         super().__init__(downstream, detail)
         self.counts = counts
+        self.own: bool | None = None
+
+    @property
+    def attempt(self) -> bool:
+        """Whether the retry this failure causes is a counted attempt."""
+        return self.counts and self.own is True
 
 
 class CircuitOpen(DownstreamUnavailable):

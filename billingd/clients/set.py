@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from billingd.clients.errors import Guard
 from billingd.clients.http import HttpForwarder
 from billingd.clients.ledger import OnceLedger, SmsLedger, UsageLedger
+from billingd.clients.ledger.attempts import AttemptLedger
 from billingd.clients.ledger.batch import CommandBatcher
 from billingd.clients.ledger.jasmin import JasminLedger
 from billingd.clients.ledger.limits import SharedLimits
@@ -80,6 +81,11 @@ class Clients:
     def once(self) -> OnceLedger:
         """Once-only steps (POSTs, Stripe calls) across workers and replicas."""
         return OnceLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
+
+    @cached_property
+    def attempts(self) -> AttemptLedger:
+        """Counted attempts per message, for every source (a broker's own count is not one)."""
+        return AttemptLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
 
     @cached_property
     def limits(self) -> SharedLimits:

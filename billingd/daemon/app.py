@@ -127,6 +127,7 @@ class Daemon:
                 self._rng,
                 poison,
                 self.tracing.tracer,
+                self.clients.attempts,
             )
 
         return Child(source.name, factory, on_restart=metrics.restarts.inc)

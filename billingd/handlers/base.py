@@ -27,9 +27,12 @@ OptionalId = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
 class Message(Protocol):
     """One message as a transport delivered it, body already decoded (gzip/base64 removed).
 
-    `message_id` is the broker's id (SQS `MessageId`, AMQP `message_id` or a digest of the
-    body); `attempt` counts deliveries that ended in a counted retry, starting at 1;
-    `attributes` are SQS message attributes or AMQP headers.
+    `message_id` is the broker's id (SQS `MessageId`, AMQP `message_id` or, when the producer
+    set none, a digest of the body: `derived_id` is then True — two identical bodies share it, so
+    it identifies a content, not a delivery); `attempt` counts deliveries that ended in a counted
+    retry, starting at 1; `redelivered` says the broker delivered this message before (or it is
+    billingd's copy of an earlier delivery); `attributes` are SQS message attributes or AMQP
+    headers.
     """
 
     @property
@@ -43,6 +46,12 @@ class Message(Protocol):
 
     @property
     def attributes(self) -> Mapping[str, Any]: ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+    @property
+    def derived_id(self) -> bool: ...
 
 
 class Handler(Protocol):

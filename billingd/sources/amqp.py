@@ -49,7 +49,7 @@ from billingd.sources.base import (
 )
 from billingd.sources.codecs import UndecodableBody, decode_body
 from billingd.sources.deadlines import CallDeadlines
-from billingd.sources.letters import ATTEMPTS_HEADER
+from billingd.sources.letters import ATTEMPTS_HEADER, ORIGINAL_ID_HEADER
 
 #: Seconds between two attempts to reach a lost broker (the next node of a cluster each time).
 RECONNECT_INTERVAL = 1.0
@@ -250,21 +250,26 @@ class AmqpSource:
     def _delivery(self, message: DeliveredMessage) -> Delivery:
         """The delivery of `message`; one that cannot be read carries its `error` (→ dead letter)."""
         properties = message.header.properties
+        derived = not properties.message_id
         message_id = properties.message_id or "sha256:" + hashlib.sha256(message.body).hexdigest()[:32]
         try:
             headers = properties.headers or {}
             if not isinstance(headers, dict):
                 raise TypeError(f"headers are a {type(headers).__name__}, not a table")
+            # a hint only: any producer can set the header; the actor reads billingd's own count
+            # (`AttemptLedger`) for a message that is not a fresh publish
             attempt = parse_attempts(headers.get(ATTEMPTS_HEADER)) + 1
+            again = bool(message.redelivered) or ATTEMPTS_HEADER in headers or ORIGINAL_ID_HEADER in headers
             body, error = message.body, None
             if properties.content_encoding:
                 try:
                     body = decode_body(body, properties.content_encoding, text_transport=False)
                 except UndecodableBody as exc:
                     error = str(exc)
-            return Delivery(body, message_id, attempt, headers, message, None, error)
+            return Delivery(body, message_id, attempt, headers, message, None, error, again, derived)
         except Exception as exc:  # noqa: BLE001 — an unreadable message is its own dead letter, never a crash
-            return Delivery(message.body, message_id, 1, {}, message, None, f"unreadable AMQP message: {exc!r}"[:500])
+            reason = f"unreadable AMQP message: {exc!r}"[:500]
+            return Delivery(message.body, message_id, 1, {}, message, None, reason, bool(message.redelivered), derived)
 
     async def receive(self, max_messages: int) -> list[Delivery]:
         """Wait for deliveries pushed by the consumer; skip those whose channel has closed

@@ -28,10 +28,16 @@ class SourceMisconfigured(Exception):
 class Delivery:
     """One received message.
 
-    `attempt` starts at 1 and counts deliveries that ended in a counted retry; `handle` is the
-    transport's own reference (an aio-pika message, an SQS receipt); `partition_key` orders
-    messages on one worker lane (SQS FIFO `MessageGroupId`); `error` is set when the body could
-    not be decoded (bad gzip/base64) and the message must be dead-lettered without a handler.
+    `attempt` starts at 1 and counts deliveries that ended in a counted retry (the source gives
+    its broker's hint; the actor sets the count billingd keeps, `AttemptLedger`, before the
+    handler sees a redelivered message); `handle` is the transport's own reference (an aio-pika
+    message, an SQS receipt); `partition_key` orders messages on one worker lane (SQS FIFO
+    `MessageGroupId`); `error` is set when the body could not be decoded (bad gzip/base64) and
+    the message must be dead-lettered without a handler. `redelivered` is True when the broker
+    has delivered this message before (AMQP's redelivered flag, an SQS receive count above 1) or
+    it is billingd's own copy of an earlier delivery (a retry copy, a replayed dead letter): a
+    fresh publish is False. `derived_id` is True when `message_id` is a digest of the body (an
+    AMQP message without a `message_id` property): it names a content, not a delivery.
     """
 
     body: bytes
@@ -41,6 +47,8 @@ class Delivery:
     handle: Any
     partition_key: str | None = None
     error: str | None = None
+    redelivered: bool = False
+    derived_id: bool = False
 
 
 class Disposition(enum.Enum):

@@ -22,8 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-#: The AMQP header counting attempts (also on retry copies).
+#: The AMQP header counting attempts (also on retry copies). Written for people reading a letter;
+#: never believed (any producer can set it): billingd counts attempts in Redis (`AttemptLedger`).
 ATTEMPTS_HEADER = "x-billingd-attempts"
+#: The AMQP header naming a dead letter's first message id (kept by a replay).
+ORIGINAL_ID_HEADER = "x-billingd-original-message-id"
 #: Longest reason written (AMQP header; SQS attributes are cut at 1,000 characters).
 MAX_REASON = 2000
 
@@ -32,7 +35,7 @@ AMQP_ANNOTATIONS = (
     "x-billingd-handler",
     ATTEMPTS_HEADER,
     "x-billingd-source",
-    "x-billingd-original-message-id",
+    ORIGINAL_ID_HEADER,
     "x-billingd-original-exchange",
     "x-billingd-original-routing-key",
     "x-death",
@@ -65,7 +68,7 @@ def amqp_annotations(
         "x-billingd-handler": handler,
         ATTEMPTS_HEADER: attempts,
         "x-billingd-source": source,
-        "x-billingd-original-message-id": message_id,
+        ORIGINAL_ID_HEADER: message_id,
         "x-billingd-original-exchange": exchange,
         "x-billingd-original-routing-key": routing_key,
     }

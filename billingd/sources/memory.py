@@ -59,7 +59,8 @@ class MemorySource:
         attempt: int = 1,
     ) -> Delivery:
         """Enqueue a message; returns its delivery."""
-        delivery = Delivery(body, message_id or f"m-{next(self._ids)}", attempt, dict(attributes or {}), None, group)
+        identity = message_id or f"m-{next(self._ids)}"
+        delivery = Delivery(body, identity, attempt, dict(attributes or {}), None, group, redelivered=attempt > 1)
         self._queue.append(delivery)
         self._arrived.set()
         return delivery
@@ -108,7 +109,9 @@ class MemorySource:
                 self._requeue(delivery, delivery.attempt + (1 if settlement.counted else 0), settlement.delay)
 
     def _requeue(self, delivery: Delivery, attempt: int, delay: float) -> None:
-        copy = Delivery(delivery.body, delivery.message_id, attempt, delivery.attributes, None, delivery.partition_key)
+        copy = Delivery(
+            delivery.body, delivery.message_id, attempt, delivery.attributes, None, delivery.partition_key, None, True
+        )
         if delay <= 0:
             self._queue.appendleft(copy)
             self._arrived.set()

@@ -20,8 +20,9 @@
   and a message handed to that abandoned poll would otherwise stay invisible for the whole
   visibility timeout; with the lease it is back within seconds. Messages settled within half
   the lease (the common case) cost no extension call.
-* Attempts come from `ApproximateReceiveCount`, minus the receives this process caused by
-  retries that must not count (an open circuit breaker), remembered per message id.
+* `ApproximateReceiveCount` is only a hint of the attempt (it also counts releases, uncounted
+  retries and other replicas' receives): a message received before is marked `redelivered`, and
+  the actor reads the attempts billingd counted for it (`AttemptLedger`).
 * FIFO queues (`.fifo`): deliveries carry `MessageGroupId` as their partition key and the
   source is *ordered*, so the actor keeps each group in order.
 * The `content_encoding` message attribute is decoded before the handler (seed 000).
@@ -35,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +69,6 @@ MAX_BATCH = SQS_MAX_BATCH
 MAX_VISIBILITY = SQS_MAX_VISIBILITY
 RECEIVE_LEASE = 3  # seconds: the visibility a message is received with, before the heartbeat extends it
 CLOSE_TIMEOUT = 2.0  # seconds: the longest close() spends releasing what it holds
-UNCOUNTED_MEMORY = 100_000
 _MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
 
 
@@ -103,7 +102,6 @@ class SqsSource:
         self._client: Any = None
         self._lean: LeanSqs | None = None
         self._held: dict[str, _Held] = {}
-        self._uncounted: OrderedDict[str, int] = OrderedDict()
         self._resumed = anyio.Event()
         self._resumed.set()
         self._deadlines = CallDeadlines()
@@ -229,7 +227,7 @@ class SqsSource:
                 message_id = original
             system = message.get("Attributes") or {}
             received = receive_count(system.get("ApproximateReceiveCount"))
-            attempt = max(1, received - self._uncounted.get(message_id, 0))
+            again = received > 1 or original is not None
             raw = str(message.get("Body", "")).encode("utf-8", "surrogatepass")
             body, error = raw, None
             encoding = attributes.get("content_encoding")
@@ -240,9 +238,9 @@ class SqsSource:
             except UndecodableBody as exc:
                 error = str(exc)
             group = system.get("MessageGroupId")
-            return Delivery(body, message_id, attempt, attributes, message, group, error)
+            return Delivery(body, message_id, received, attributes, message, group, error, again)
         except Exception as exc:  # noqa: BLE001 — an unreadable message is its own dead letter, never a crash
-            return Delivery(b"", message_id, 1, {}, message, None, f"unreadable SQS message: {exc!r}"[:500])
+            return Delivery(b"", message_id, 1, {}, message, None, f"unreadable SQS message: {exc!r}"[:500], True)
 
     async def stop_intake(self) -> list[Delivery]:
         """Stop polling (a long poll in progress is cancelled by the actor) and bound every call
@@ -321,8 +319,6 @@ class SqsSource:
             else:
                 seconds = 0 if s.disposition is Disposition.RELEASE else min(MAX_VISIBILITY, math.ceil(s.delay))
                 visibility.append((message, seconds))
-                if s.disposition is Disposition.RETRY and not s.counted:
-                    self._remember_uncounted(s.delivery.message_id)
         if dead:
             if self._settings.dead_letter_queue_url:
                 sent = await self._calls.send_dead_letters(dead)
@@ -343,12 +339,6 @@ class SqsSource:
             await self._calls.delete(deletes[start : start + MAX_BATCH])
         for start in range(0, len(visibility), MAX_BATCH):
             await self._calls.change_visibility(visibility[start : start + MAX_BATCH])
-
-    def _remember_uncounted(self, message_id: str) -> None:
-        self._uncounted[message_id] = self._uncounted.get(message_id, 0) + 1
-        self._uncounted.move_to_end(message_id)
-        while len(self._uncounted) > UNCOUNTED_MEMORY:
-            self._uncounted.popitem(last=False)
 
 
 def _snake(operation: str) -> str:

@@ -3,6 +3,7 @@ read defensively, the receive count, dead-letter entries, and batches within SQS
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import aiohttp
@@ -40,7 +41,11 @@ def dead_letter_entry(
     entry: dict[str, Any] = {"Id": entry_id, "MessageBody": message["Body"], "MessageAttributes": {**keep, **ours}}
     if s.dead_letter_fifo:
         entry["MessageGroupId"] = sqs_text(settlement.delivery.partition_key or settings.name)[:128]
-        entry["MessageDeduplicationId"] = sqs_text(settlement.delivery.message_id)[:128]
+        # an id of this receive, not of the message: SQS drops a FIFO send whose id it saw in the
+        # last 5 minutes, and a replayed letter that fails again within them must reach the DLQ
+        # again (its receipt handle is new); sends of one receive still deduplicate
+        receipt = f"{settlement.delivery.message_id}\n{message.get('ReceiptHandle', '')}"
+        entry["MessageDeduplicationId"] = hashlib.sha256(receipt.encode("utf-8", "surrogatepass")).hexdigest()
     return entry
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from billingd.clients.errors import CURRENT_MESSAGE, DownstreamError
+from billingd.clients.ledger.attempts import AttemptLedger
 from billingd.config.model import AnySource
 from billingd.handlers.base import Handler
 from billingd.handlers.outcome import DeadLetter, Outcome, Retry
@@ -64,6 +66,10 @@ class SourceActor:
         poison: crash counts of this source's messages, kept across its actors' restarts.
         tracer: an OpenTelemetry tracer: each message handled in a CONSUMER span
             (`billingd.telemetry.spans`); None: no spans.
+        attempts: where counted attempts are kept (`AttemptLedger`): a redelivered message's
+            attempt is read from it before its handler runs, a counted retry is counted in it, a
+            dead letter clears it. None: the transport's own count is taken as is (tests on the
+            in-memory source).
     """
 
     def __init__(
@@ -78,8 +84,10 @@ class SourceActor:
         rng: random.Random | None = None,
         poison: PoisonLog | None = None,
         tracer: Any = None,
+        attempts: AttemptLedger | None = None,
     ) -> None:
         self.settings = settings
+        self._attempts = attempts
         self.reporter = SourceReporter(settings.name, settings.handler, metrics, status)
         self.source = source(self.reporter)
         self.handler = handler
@@ -281,12 +289,43 @@ class SourceActor:
                     return
 
     async def _handle(self, delivery: Delivery) -> Settlement:
+        if delivery.redelivered and self._attempts is not None:
+            await self._recall_attempts(delivery)
         if self._tracer is not None:
             return await self._handle_traced(delivery)
         outcome, seconds = await self._timed(delivery)
         self.metrics.duration.observe(seconds)
-        settlement = settlement_of(delivery, outcome, self.settings, self._rng)
+        settlement = await self._settlement(delivery, outcome)
         self.reporter.outcome(settlement)
+        return settlement
+
+    async def _recall_attempts(self, delivery: Delivery) -> None:
+        """Set a redelivered message's attempt to billingd's own count (see `AttemptLedger`)."""
+        assert self._attempts is not None
+        try:
+            delivery.attempt = await self._attempts.counted(self.settings.name, delivery.message_id) + 1
+        except DownstreamError:  # Redis is down: whatever happens next, it is not counted
+            delivery.attempt = 1
+
+    async def _settlement(self, delivery: Delivery, outcome: Outcome) -> Settlement:
+        """The settlement of `outcome`: a counted retry is counted in the attempt ledger first
+        (uncounted when Redis cannot take it: an outage is not the message's attempt); a dead
+        letter forgets the message's count (a replay starts at attempt 1)."""
+        ledger, name = self._attempts, self.settings.name
+        recorded = delivery.redelivered
+        if ledger is not None and isinstance(outcome, Retry) and outcome.counted:
+            try:
+                delivery.attempt = await ledger.count(name, delivery.message_id)
+                recorded = True
+            except DownstreamError as exc:
+                outcome = Retry(f"{outcome.reason} (not counted: {exc})"[:1000], outcome.delay, counted=False)
+        settlement = settlement_of(delivery, outcome, self.settings, self._rng)
+        if ledger is not None and recorded and settlement.disposition is Disposition.DEAD_LETTER:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                try:
+                    await ledger.clear(name, delivery.message_id)
+                except DownstreamError:
+                    pass  # kept until it expires: a replay then starts at the count it had
         return settlement
 
     async def _timed(self, delivery: Delivery) -> tuple[Outcome, float]:
@@ -312,7 +351,7 @@ class SourceActor:
         with spans.process_span(self._tracer, self._destination, attributes, carrier) as span:
             outcome, seconds = await self._timed(delivery)
             self.metrics.duration.observe(seconds, spans.exemplar(span))
-            settlement = settlement_of(delivery, outcome, self.settings, self._rng)
+            settlement = await self._settlement(delivery, outcome)
             spans.annotate(span, settlement.disposition.value, settlement.reason)
         self.reporter.outcome(settlement)
         return settlement
@@ -320,17 +359,17 @@ class SourceActor:
     async def _call_handler(self, delivery: Delivery) -> Outcome:
         if delivery.error is not None:
             return DeadLetter(delivery.error)
+        token = CURRENT_MESSAGE.set(delivery.message_id)
         try:
             return await self.handler.handle(delivery)
         except Exception as exc:  # noqa: BLE001 — classified; a handler bug is a retry, never a crash
-            outcome = outcome_of(
-                exc, blocking=lambda name: self.board.get(name).blocking, retry_initial=self.settings.retry_initial,
-                rng=self._rng,
-            )  # fmt: skip
+            outcome = outcome_of(exc, retry_initial=self.settings.retry_initial, rng=self._rng)
             if outcome is not None:
                 return outcome
             self._log.exception("handler failed unexpectedly", message_id=delivery.message_id, attempt=delivery.attempt)
             return Retry(f"unexpected {type(exc).__name__}: {exc}")
+        finally:
+            CURRENT_MESSAGE.reset(token)
 
     # -- pauser ------------------------------------------------------------------------------
 

@@ -9,6 +9,20 @@ Only `DownstreamUnavailable` counts as a failure; any answer from the downstream
 permanent 4xx, `DownstreamRejected`, and a 429, `Throttled`) is a success. While half-open,
 calls other than the probe wait for its result instead of failing, so a recovered downstream
 is not met with a burst of retries. Time is `anyio.current_time()` (monotonic seconds).
+
+Whose failure is it? Each failure is judged (`DownstreamUnavailable.own`) before it is recorded:
+
+* **own** — a call that began *after* it succeeded (the downstream serves others: this message,
+  or its call, is the problem), or it failed a half-open probe while no other message met the
+  breaker since the last success (a message alone on its downstream — a poison message — must
+  reach its dead letter instead of opening the breaker forever);
+* **shared** — anything else: an outage that other messages meet too, before or after the
+  breaker opens. Its retry is never an attempt, however short the outage and whatever
+  `max_attempts` is.
+
+The message is `billingd.clients.errors.CURRENT_MESSAGE`, set by the source actor. The breaker
+keeps the last failure's detail and logs it when it opens (the detail names the fix where the
+downstream said why: `MISCONF`, a refused key, an unserved URL).
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ from typing import TypeVar
 import anyio
 import structlog
 
-from billingd.clients.errors import CircuitOpen, DownstreamRejected, DownstreamUnavailable, Throttled
+from billingd.clients.errors import CURRENT_MESSAGE, CircuitOpen, DownstreamRejected, DownstreamUnavailable, Throttled
 from billingd.config.model import Settings
 from billingd.telemetry.metrics import Metrics
 
@@ -58,6 +72,13 @@ class CircuitBreaker:
         self._probing = False
         self._changed = anyio.Event()
         self._on_change = on_change
+        self._calls = 0
+        self._last_success_call = 0
+        self._met: set[str | None] = set()
+        """Messages that met a failure or a refusal since the last success (at most two kept:
+        enough to know whether a probe's message is alone)."""
+        self.last_failure = ""
+        """The detail of the latest failure (logged when the breaker opens)."""
 
     # -- Guard -------------------------------------------------------------------------------
 
@@ -68,36 +89,54 @@ class CircuitBreaker:
             CircuitOpen: open and not yet due for a probe.
             DownstreamUnavailable: from `fn` (recorded as a failure).
         """
-        probe = await self._admit()
+        self._calls += 1
+        call, message = self._calls, CURRENT_MESSAGE.get()
+        probe = await self._admit(message)
         try:
             result = await fn(*args)
-        except DownstreamUnavailable:
+        except DownstreamUnavailable as exc:
+            exc.own = self._own(call, probe, message)
+            self._meet(message)
+            self.last_failure = exc.detail
             if probe or self.state is BreakerState.CLOSED:
                 self._failure()
             raise
         except (DownstreamRejected, Throttled):
-            self._success()  # a refusal or a 429 is an answer: the downstream is up
+            self._success(call)  # a refusal or a 429 is an answer: the downstream is up
             raise
         except BaseException:
             if probe:  # cancelled or a bug, not an answer: let the next call probe
                 self._probing = False
             raise
-        self._success()
+        self._success(call)
         return result
 
-    async def _admit(self) -> bool:
+    async def _admit(self, message: str | None) -> bool:
         while True:
             if self.state is BreakerState.CLOSED:
                 return False
             if self.state is BreakerState.OPEN:
                 remaining = self.open_until - anyio.current_time()
                 if remaining > 0:
+                    self._meet(message)
                     raise CircuitOpen(self.name, remaining)
                 self._set(BreakerState.HALF_OPEN)
             if not self._probing:
                 self._probing = True
                 return True
+            self._meet(message)  # waits on another message's probe: not alone
             await self._changed.wait()
+
+    def _own(self, call: int, probe: bool, message: str | None) -> bool:
+        """Whether a failure of call number `call` (made for `message`) is that message's own
+        (see module docstring)."""
+        if self._last_success_call > call:
+            return True
+        return probe and message is not None and not (self._met - {message})
+
+    def _meet(self, message: str | None) -> None:
+        if len(self._met) < 2:
+            self._met.add(message)
 
     # -- transitions -------------------------------------------------------------------------
 
@@ -111,7 +150,9 @@ class CircuitBreaker:
             self.timeout = self.reset_timeout
             self._open()
 
-    def _success(self) -> None:
+    def _success(self, call: int = 0) -> None:
+        self._last_success_call = max(self._last_success_call, call)
+        self._met.clear()
         self.failures = 0
         if self.state is not BreakerState.CLOSED:
             self.timeout = self.reset_timeout
@@ -133,6 +174,7 @@ class CircuitBreaker:
                 previous=previous.name.lower(),
                 retry_in=round(self.timeout, 3),
                 failures=self.failures,
+                error=self.last_failure[:600],
             )
         else:
             log.info(

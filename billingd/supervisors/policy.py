@@ -1,10 +1,11 @@
 """The outcome policy, as pure functions (DESIGN §2 "Outcomes"):
 
 * `outcome_of` — what an exception out of a handler stands for: invalid input and permanent
-  refusals are dead letters; unavailability is a retry, *uncounted* when a breaker is open (an
-  outage must never dead-letter good messages), a duplicate is busy or the downstream
-  throttles; None for anything else (a bug: the actor logs it with its stack trace and
-  retries, counted);
+  refusals are dead letters; unavailability is a retry, counted only when its breaker judged the
+  failure the message's own (`DownstreamUnavailable.attempt`: an outage that other messages meet
+  too must never bring a valid message nearer its dead letter), and never when a breaker is
+  open, a duplicate is busy or the downstream throttles; None for anything else (a bug: the
+  actor logs it with its stack trace and retries, counted);
 * `settlement_of` — how an outcome settles a delivery: ack; retry after the outcome's delay or
   the source's exponential backoff with full jitter, until `max_attempts` counted attempts, then
   a dead letter; dead letter with the reason.
@@ -13,7 +14,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 from billingd.clients.errors import Busy, CircuitOpen, DownstreamRejected, DownstreamUnavailable, Throttled
 from billingd.config.model import SourceSettings
@@ -22,12 +22,8 @@ from billingd.sources.base import Delivery, Disposition, Settlement
 from billingd.supervisors.backoff import full_jitter
 
 
-def outcome_of(
-    exc: Exception, *, blocking: Callable[[str], bool], retry_initial: float, rng: random.Random
-) -> Outcome | None:
-    """The outcome `exc` (raised by a handler) stands for, or None for an unexpected exception.
-
-    `blocking(downstream)` says whether that downstream's breaker is open now."""
+def outcome_of(exc: Exception, *, retry_initial: float, rng: random.Random) -> Outcome | None:
+    """The outcome `exc` (raised by a handler) stands for, or None for an unexpected exception."""
     if isinstance(exc, InvalidMessage):
         return DeadLetter(exc.reason)
     if isinstance(exc, CircuitOpen):
@@ -35,7 +31,7 @@ def outcome_of(
     if isinstance(exc, Throttled):  # back-pressure (a 429, the shared budget): never an attempt
         return Retry(str(exc), delay=exc.retry_after + rng.uniform(0, retry_initial), counted=False)
     if isinstance(exc, DownstreamUnavailable):
-        return Retry(str(exc), counted=exc.counts and not blocking(exc.downstream))
+        return Retry(str(exc), counted=exc.attempt)
     if isinstance(exc, DownstreamRejected):
         return DeadLetter(str(exc))
     if isinstance(exc, Busy):  # a duplicate of work in progress: come back later, uncounted

@@ -39,6 +39,9 @@ class Double:
         self._failure_status = 500
         self._unhang = asyncio.Event()
         self.port = 0
+        self.poison: bytes | None = None
+        """Requests whose body contains this fail with `error_status`, whatever the mode (a
+        payload the endpoint cannot take)."""
 
     @property
     def url(self) -> str:
@@ -101,6 +104,8 @@ class Sink(Double):
     async def _post(self, request: web.Request) -> web.Response:
         body = await request.read()
         failure = await self.failure()
+        if failure is None and self.poison is not None and self.poison in body:
+            failure = self.error_response(self.error_status)
         status = failure.status if failure is not None else 200
         self.requests.append(Recorded(request.method, request.path, dict(request.headers), body, status=status))
         return failure if failure is not None else web.json_response({"ok": True})

@@ -44,26 +44,27 @@ def delivery(body: bytes = b"{}", attempt: int = 1, group: str | None = None) ->
 
 
 def test_each_exception_stands_for_its_outcome():
-    def blocking(name: str) -> bool:
-        return name == "stripe"
-
-    assert outcome_of(InvalidMessage("bad"), blocking=blocking, retry_initial=1, rng=RNG) == DeadLetter("bad")
-    assert outcome_of(DownstreamRejected("stripe", "400"), blocking=blocking, retry_initial=1, rng=RNG) == DeadLetter(
-        "stripe: 400"
-    )
-    open_retry = outcome_of(CircuitOpen("redis", 2.0), blocking=blocking, retry_initial=1, rng=RNG)
+    assert outcome_of(InvalidMessage("bad"), retry_initial=1, rng=RNG) == DeadLetter("bad")
+    assert outcome_of(DownstreamRejected("stripe", "400"), retry_initial=1, rng=RNG) == DeadLetter("stripe: 400")
+    open_retry = outcome_of(CircuitOpen("redis", 2.0), retry_initial=1, rng=RNG)
     assert isinstance(open_retry, Retry) and not open_retry.counted and 2.0 <= (open_retry.delay or 0) <= 3.0
-    assert outcome_of(DownstreamUnavailable("stripe", "503"), blocking=blocking, retry_initial=1, rng=RNG) == Retry(
-        "stripe: 503", counted=False
-    )  # its breaker is open now: an outage never burns attempts
-    assert outcome_of(DownstreamUnavailable("redis", "t/o"), blocking=blocking, retry_initial=1, rng=RNG) == Retry(
-        "redis: t/o", counted=True
-    )
-    assert outcome_of(Busy("x"), blocking=blocking, retry_initial=1, rng=RNG) == Retry("busy: x", 1, counted=False)
+    shared = DownstreamUnavailable("stripe", "503")
+    shared.own = False  # the breaker judged it an outage others meet too
+    assert outcome_of(shared, retry_initial=1, rng=RNG) == Retry("stripe: 503", counted=False)
+    assert outcome_of(DownstreamUnavailable("redis", "t/o"), retry_initial=1, rng=RNG) == Retry(
+        "redis: t/o", counted=False
+    )  # no breaker judged it: never an attempt
+    own = DownstreamUnavailable("redis", "t/o")
+    own.own = True
+    assert outcome_of(own, retry_initial=1, rng=RNG) == Retry("redis: t/o", counted=True)
+    replicas = DownstreamUnavailable("redis", "NOREPLICAS", counts=False)
+    replicas.own = True
+    assert outcome_of(replicas, retry_initial=1, rng=RNG) == Retry("redis: NOREPLICAS", counted=False)
+    assert outcome_of(Busy("x"), retry_initial=1, rng=RNG) == Retry("busy: x", 1, counted=False)
     for shape in (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), RecursionError("deep"), OverflowError("big")):
-        outcome = outcome_of(shape, blocking=blocking, retry_initial=1, rng=RNG)
+        outcome = outcome_of(shape, retry_initial=1, rng=RNG)
         assert isinstance(outcome, DeadLetter) and outcome.reason.startswith("unreadable input")
-    assert outcome_of(KeyError("a bug"), blocking=blocking, retry_initial=1, rng=RNG) is None
+    assert outcome_of(KeyError("a bug"), retry_initial=1, rng=RNG) is None
 
 
 @given(st.integers(1, 12), st.booleans(), st.floats(0, 5) | st.none())

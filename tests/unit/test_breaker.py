@@ -94,3 +94,67 @@ async def test_a_cancelled_probe_lets_the_next_call_probe():
         await breaker.call(anyio.sleep, 1)
     assert await breaker.call(ok) == "ok"
     assert breaker.state is BreakerState.CLOSED
+
+
+# -- whose failure is it (issue 24, items 16 and 17) ------------------------------------------
+
+
+async def judged(breaker: CircuitBreaker, message: str, fn=down) -> DownstreamUnavailable | CircuitOpen:
+    """The failure of one call made while handling `message`, as the breaker judged it."""
+    from billingd.clients.errors import CURRENT_MESSAGE
+
+    token = CURRENT_MESSAGE.set(message)
+    try:
+        with pytest.raises(DownstreamUnavailable) as caught:
+            await breaker.call(fn)
+        return caught.value
+    finally:
+        CURRENT_MESSAGE.reset(token)
+
+
+async def test_an_outage_every_message_meets_is_never_a_messages_own_failure():
+    breaker = CircuitBreaker("redis", failure_threshold=3, reset_timeout=0.05, reset_timeout_max=0.1)
+    failures = [await judged(breaker, f"m{i}") for i in range(3)]  # a short outage: three messages fail
+    assert [f.own for f in failures] == [False, False, False]
+    refused = await judged(breaker, "m3")
+    assert isinstance(refused, CircuitOpen) and not refused.attempt
+    await anyio.sleep(0.06)
+    probe = await judged(breaker, "m0")  # the probe fails, but other messages met the outage too
+    assert probe.own is False
+
+
+async def test_a_message_failing_while_later_calls_succeed_fails_on_its_own():
+    breaker = CircuitBreaker("stripe", failure_threshold=5, reset_timeout=0.05, reset_timeout_max=0.1)
+    from billingd.clients.errors import CURRENT_MESSAGE
+
+    gate, started = anyio.Event(), anyio.Event()
+
+    async def slow_failure() -> None:
+        started.set()
+        await gate.wait()
+        raise DownstreamUnavailable("stripe", "500 for this payload")
+
+    result: list[DownstreamUnavailable] = []
+
+    async def poison() -> None:
+        result.append(await judged(breaker, "poison", slow_failure))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(poison)
+        await started.wait()
+        token = CURRENT_MESSAGE.set("valid")
+        assert await breaker.call(ok) == "ok"  # a call made after the poison's succeeds
+        CURRENT_MESSAGE.reset(token)
+        gate.set()
+    assert result[0].own is True and result[0].attempt
+
+
+async def test_a_message_alone_on_its_downstream_counts_its_failed_probes():
+    breaker = CircuitBreaker("stripe", failure_threshold=2, reset_timeout=0.02, reset_timeout_max=0.04)
+    opening = [await judged(breaker, "poison") for _ in range(2)]
+    assert [f.own for f in opening] == [False, False]  # not yet known to be its own: the breaker opens
+    assert breaker.state is BreakerState.OPEN
+    for _ in range(3):
+        await anyio.sleep(breaker.open_until - anyio.current_time() + 0.005)
+        probe = await judged(breaker, "poison")
+        assert probe.own is True and probe.attempt  # the probe's own failure counts: it reaches its DLQ
