@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from billingd.clients import DownstreamUnavailable, Unguarded
-from billingd.clients.ledger import SmsLedger
+from billingd.clients.ledger import SmsLedger, UsageLedger
 from billingd.clients.ledger.batch import CommandBatcher
 from tests.seed002 import bill_event, dlr
 from tests.support import RedisServer, amqp_source, cdr_ids, free_port, make_settings, running, wait_for
@@ -32,16 +32,22 @@ async def test_writes_wait_for_the_replica_and_fail_transiently_without_it(tmp_p
     reader = aioredis.Redis.from_url(replica.url)
     try:
         await wait_for(lambda: _streaming(client), what="the master streams writes to its replica")
-        ledger = SmsLedger(client, Unguarded("redis"), CommandBatcher(client, replicas=1, replica_timeout=0.5))
+        batcher = CommandBatcher(client, replicas=1, replica_timeout=0.5)
+        ledger = SmsLedger(client, Unguarded("redis"), batcher)
+        usage = UsageLedger(client, Unguarded("redis"), batcher)
         async with anyio.create_task_group() as tg:  # one batch of 20 effects, then one WAIT
             for i in range(20):
                 tg.start_soon(record, ledger, f"w-{i}")
         assert await cdr_ids(reader) == {f"w-{i}" for i in range(20)}  # on the replica when the call returned
+        await usage.set_customer("ws_1", "cus_1")  # a plain SET waits for the replica too (issue 24, item 15)
+        assert await reader.get("billingd:customer:{ws_1}") == b"cus_1"
         await replica.stop()
         with pytest.raises(DownstreamUnavailable) as refused:
             await record(ledger, "w-late")
         assert "NOREPLICAS" in str(refused.value)
         assert isinstance(refused.value.__cause__, ResponseError)
+        with pytest.raises(DownstreamUnavailable, match="NOREPLICAS"):  # before: acked on the master alone
+            await usage.set_customer("ws_2", "cus_2")
     finally:
         await client.aclose()
         await reader.aclose()

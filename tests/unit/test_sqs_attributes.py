@@ -60,3 +60,27 @@ def test_answer_entries_without_a_receipt_handle_are_skipped_and_the_rest_kept()
     assert settleable([junk[0], good, *junk[1:]]) == ([good], len(junk))
     assert settleable({"ReceiptHandle": "rh"}) == ([], 1)  # not a list at all
     assert settleable(None) == ([], 0)  # an empty receive
+
+
+def test_a_fifo_dead_letter_is_deduplicated_per_receive_not_per_message():
+    """Issue 24, item 13: with the message id as `MessageDeduplicationId`, a replayed letter that
+    failed again within SQS's 5-minute window was accepted by SQS and silently dropped."""
+    from billingd.config import convert
+    from billingd.config.model import Settings
+    from billingd.sources.base import Delivery, Disposition, Settlement
+    from billingd.sources.sqs_wire import dead_letter_entry
+
+    entry = {"name": "fifo", "type": "sqs", "handler": "usage", "queue_url": "http://q/x.fifo",
+             "dead_letter_queue_url": "http://q/x-dlq.fifo"}  # fmt: skip
+    settings = convert({"sources": [entry]}, Settings).sources[0]
+
+    def letter(receipt: str) -> dict:
+        message = {"Body": "{}", "ReceiptHandle": receipt, "MessageId": "m-1"}
+        delivery = Delivery(b"{}", "m-1", 1, {}, message, "g-1")
+        return dead_letter_entry("0", Settlement(delivery, Disposition.DEAD_LETTER, "bad"), settings, keep_theirs=True)
+
+    first, again, replayed = letter("receipt-1"), letter("receipt-1"), letter("receipt-2")
+    assert first["MessageDeduplicationId"] == again["MessageDeduplicationId"]  # one receive: one letter
+    assert first["MessageDeduplicationId"] != replayed["MessageDeduplicationId"]
+    assert first["MessageDeduplicationId"] != "m-1"
+    assert len(first["MessageDeduplicationId"]) <= 128 and first["MessageGroupId"] == "g-1"

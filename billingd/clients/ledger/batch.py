@@ -17,12 +17,13 @@ failing script does not fail the others in its pipeline, and arguments are encod
 caller before its command joins a pipeline, so a value Redis cannot take (a 5,000-digit number)
 fails that caller alone (DESIGN §8).
 
-With `min_replicas_acked = N` (`[redis]`), a pipeline that ran script calls (the effects) is
+With `min_replicas_acked = N` (`[redis]`), a pipeline that wrote — script calls (the effects)
+and plain writes (`SET` of a customer mapping, …), every command but the reads in `READS` — is
 followed, on each node it wrote to, by a probe write and `WAIT N timeout` on one connection: the
 probe moves that connection's replication offset past every write the node had taken, ours
 included, so `WAIT` returns once N replicas hold them. One extra round trip per node per batch,
-not per message. Fewer than N replicas in time → every script call of that node gets a
-`NOREPLICAS` error: transient, retried (the scripts are idempotent), never acked.
+not per message. Fewer than N replicas in time → every write of that node gets a `NOREPLICAS`
+error: transient, retried (the writes are idempotent), never acked.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ from redis.exceptions import DataError, NoScriptError, ResponseError
 
 from billingd.clients.ledger.scripts import Script, batched, pack
 from billingd.clients.redis import RedisClient
+
+#: Commands that write nothing: the only ones a pipeline sends without waiting for replicas.
+READS = frozenset({"GET", "MGET", "HGET", "HMGET", "HGETALL", "EXISTS", "TTL", "PTTL", "SMEMBERS", "SCARD",
+                   "SISMEMBER", "ZRANGE", "ZCARD", "ZSCORE", "LRANGE", "LLEN", "SCAN", "HSCAN", "PING"})  # fmt: skip
 
 
 class BatchAborted(Exception):
@@ -211,9 +216,14 @@ class CommandBatcher:
         probes: dict[Any, bytes] = {}
         for i, entry in enumerate(entries):
             first = entry[0] if isinstance(entry, list) else entry
-            if first.script is None or isinstance(replies[i], BaseException):
+            if isinstance(replies[i], BaseException):
                 continue
-            key = first.keys[0] if first.keys else b"billingd:probe"
+            if first.script is not None:
+                key = first.keys[0] if first.keys else b"billingd:probe"
+            elif str(first.command[0]).upper() not in READS and len(first.command) > 1:
+                key = self._encoded(first.command[1:2])[0]
+            else:
+                continue
             node = self._redis.get_node_from_key(key) if isinstance(self._redis, RedisCluster) else None  # type: ignore[arg-type]  # bytes work
             by_node.setdefault(node, []).append(i)
             probes.setdefault(node, _probe_key(key))
