@@ -25,8 +25,10 @@ observed to answer):
   repeated identifier is dropped silently;
 * every request waits `latency` seconds (Stripe answers in 100–300 ms);
 * objects (`products`, `customers`, `invoices`) are retrieved by id (404 `resource_missing`
-  otherwise); `POST /v1/invoices/{id}/pay` with `paid_out_of_band=true` pays an open invoice and
-  refuses one already paid (400); `POST /v1/invoices/{id}` merges `metadata`;
+  otherwise); `POST /v1/invoices/{id}/pay` with `paid_out_of_band=true` pays an open invoice
+  (setting `status_transitions.paid_at`) and refuses one already paid (400 "Invoice is already
+  paid"); `POST /v1/invoices/{id}` merges `metadata`; `lose_pay_replies` pays and then answers 500;
+* an `Idempotency-Key` longer than 255 characters is a 400;
 * errors use Stripe's envelope `{"error": {"type": …, "message": …}}`.
 """
 
@@ -132,6 +134,10 @@ class StripeDouble(Double):
         self._errors: list[tuple[str, str, str]] = []  # (code, message, identifier) not yet reported
         self.events: dict[str, dict[str, Any]] = {}
         """v2 events by id (`GET /v2/core/events/{id}`)."""
+        self.lose_pay_replies = 0
+        """The next this many `POST /v1/invoices/{id}/pay` calls pay the invoice, then answer 500
+        (saved under their idempotency key, as Stripe does once an endpoint began executing): a
+        reply lost after the effect."""
 
     def expire_tokens(self) -> None:
         """Expire every meter event session token now (as if their 15 minutes had passed)."""
@@ -203,7 +209,9 @@ class StripeDouble(Double):
             return early
         obj = self.objects.get(request.match_info["resource"], {}).get(request.match_info["id"])
         if obj is None:
-            return _error(404, "invalid_request_error", f"No such object: '{request.match_info['id']}'")
+            return _error(
+                404, "invalid_request_error", f"No such object: '{request.match_info['id']}'", code="resource_missing"
+            )
         return web.json_response(obj)
 
     async def _pay(self, request: web.Request) -> web.Response:
@@ -212,7 +220,9 @@ class StripeDouble(Double):
             return early
         invoice = self.objects["invoices"].get(request.match_info["id"])
         if invoice is None:
-            response = _error(404, "invalid_request_error", f"No such invoice: '{request.match_info['id']}'")
+            response = _error(
+                404, "invalid_request_error", f"No such invoice: '{request.match_info['id']}'", code="resource_missing"
+            )
         elif invoice["status"] == "paid":
             response = _error(400, "invalid_request_error", "Invoice is already paid")
         elif invoice["status"] != "open":
@@ -223,8 +233,12 @@ class StripeDouble(Double):
             response = _error(400, "invalid_request_error", "the double only supports paid_out_of_band=true")
         else:
             invoice.update(status="paid", paid_out_of_band=True, amount_paid=invoice["amount_due"], amount_remaining=0)
+            invoice["status_transitions"] = {**invoice.get("status_transitions", {}), "paid_at": int(time.time())}
             self.payments.append(invoice["id"])
             response = web.json_response(invoice)
+            if self.lose_pay_replies > 0:
+                self.lose_pay_replies -= 1
+                response = _error(500, "api_error", "An unknown error occurred")
         return self._remember(request, form, response)
 
     async def _update_invoice(self, request: web.Request) -> web.Response:
@@ -233,7 +247,9 @@ class StripeDouble(Double):
             return early
         invoice = self.objects["invoices"].get(request.match_info["id"])
         if invoice is None:
-            return _error(404, "invalid_request_error", f"No such invoice: '{request.match_info['id']}'")
+            return _error(
+                404, "invalid_request_error", f"No such invoice: '{request.match_info['id']}'", code="resource_missing"
+            )
         invoice["metadata"] = {**invoice.get("metadata", {}), **form.get("metadata", {})}
         return self._remember(request, form, web.json_response(invoice))
 
@@ -256,6 +272,12 @@ class StripeDouble(Double):
         if wait:
             await asyncio.sleep(self.contract.latency)
         key = request.headers.get("Idempotency-Key")
+        if key is not None and len(key) > 255:
+            return form, _error(
+                400,
+                "invalid_request_error",
+                "Idempotency-Key must be at most 255 characters long (docs.stripe.com/idempotency).",
+            )
         if key and key in self._idempotent:
             params, status, answer = self._idempotent[key]
             recorded.replayed = True

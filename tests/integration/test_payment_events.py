@@ -41,8 +41,9 @@ async def reconcile(sqs, stripe_double, messages, *, ack, dead=0, _flush_once=Fa
         from tests.support import RedisTarget
 
         client = RedisTarget.client()
-        async for key in client.scan_iter(match="billingd:once:*"):
-            await client.delete(key)
+        for pattern in ("billingd:once:*", "billingd:payment:*"):
+            async for key in client.scan_iter(match=pattern):
+                await client.delete(key)
         await client.aclose()
     url, dlq = await sqs.queue()
     source = sqs_source("payment_events", url, dlq, sqs.endpoint, **overrides)
@@ -84,7 +85,7 @@ async def test_a_capture_delivered_three_times_with_stripe_failing_pays_once(sqs
     assert (paid["status"], paid["paid_out_of_band"], paid["amount_remaining"]) == ("paid", True, 0)
     assert paid["metadata"] == {"billingd_gateway": "razorpay", "billingd_payment_id": "pay_abc"}
     pay_keys = {r.headers.get("Idempotency-Key") for r in stripe_double.requests if r.path.endswith("/pay")}
-    assert pay_keys == {"billingd-pay-razorpay-pay_abc"}
+    assert pay_keys and all(k.startswith("billingd-pay-razorpay-pay_abc-") for k in pay_keys)
 
 
 async def test_mismatches_bad_signatures_and_missing_notes_go_to_finance_unpaid(sqs, stripe_double):
@@ -162,3 +163,42 @@ async def test_a_second_payment_of_a_paid_invoice_is_a_double_collection_for_fin
     )
     assert stripe_double.payments == [invoice]  # paid once, by the first payment
     assert doubles == {"manual": 1, "zoho": 1}  # counted; our own replay is not
+
+
+async def test_a_pay_reply_lost_after_stripe_paid_is_this_payments_own(sqs, stripe_double):
+    """Issue 24, item 1: Stripe paid, the reply was lost (a 500 saved under the key). Before: the
+    retry found the invoice paid without billingd's note and dead-lettered "needs a refund"."""
+    invoice = unique("in")
+    stripe_double.invoice(invoice, 150000, "inr")
+    stripe_double.lose_pay_replies = 1
+    capture = razorpay_relay(captured("pay_lost", 150000, {"stripe_invoice_id": invoice}), SECRET, "evt_lost")
+    reasons, doubles = await reconcile(sqs, stripe_double, [capture], ack=1)
+    assert reasons == [] and doubles == {}
+    assert stripe_double.payments == [invoice]
+
+
+async def test_copies_of_one_capture_handled_at_once_make_one_pay_call(sqs, stripe_double):
+    """Issue 24, item 1: copies on several workers at once — one pays, the others wait and ack."""
+    from tests.doubles.stripe import StripeContract
+
+    stripe_double.contract = StripeContract(latency=0.15)
+    invoice = unique("in")
+    stripe_double.invoice(invoice, 150000, "inr")
+    capture = razorpay_relay(captured("pay_twice", 150000, {"stripe_invoice_id": invoice}), SECRET, "evt_twice")
+    reasons, _ = await reconcile(sqs, stripe_double, [capture] * 4, ack=4)
+    assert reasons == []
+    assert stripe_double.payments == [invoice]
+    assert len([r for r in stripe_double.requests if r.path.endswith("/pay") and r.status == 200]) == 1
+
+
+async def test_stripe_keys_stay_within_stripes_limits_whatever_the_reference(sqs, stripe_double):
+    """Issue 24, item 2: `billingd-pay-<gateway>-<reference>` took the reference whole; Stripe
+    refuses an Idempotency-Key over 255 characters, so a long bank reference was dead-lettered."""
+    invoice, reference = unique("in"), "UTR" + "7" * 700
+    stripe_double.invoice(invoice, 150000, "inr")
+    manual = {"gateway": "manual", "stripe_invoice_id": invoice, "reference": reference, "amount": 150000,
+              "currency": "inr"}  # fmt: skip
+    reasons, _ = await reconcile(sqs, stripe_double, [manual, manual], ack=2)
+    assert reasons == [] and stripe_double.payments == [invoice]
+    assert all(len(r.headers.get("Idempotency-Key", "")) <= 255 for r in stripe_double.requests)
+    assert len(stripe_double.objects["invoices"][invoice]["metadata"]["billingd_payment_id"]) <= 500
