@@ -41,11 +41,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.fault_stack import Fauxqs, Replica, kill_billingd_connections, queue_messages
 from billingd.clients.ledger.base import key
+from billingd.clients.stripe_ids import meter_identifier
 from billingd.daemon.app import STOP_GRACE
 from tests.doubles.stripe import StripeDouble
 from tests.hostile import amqp_messages, publish_raw, sqs_messages
 from tests.seed002 import bill_event, dlr
 from tests.support import AMQP_URL, RedisServer, free_port, to_toml, unique
+
+#: The meter identifier of the sentinel usage event (the last one sent).
+SENTINEL = meter_identifier("ws-sentinel", "ai_credits", "usage-sentinel")
 
 DRAIN_TIMEOUT = 5.0
 CDR_RANK = {"pending": 2, "failed": 3, "expired": 4, "rejected": 5, "delivered": 6}
@@ -224,7 +228,7 @@ class Suite:
         value = self.rng.randint(1, 5)
         idempotency = f"usage-{n}"
         self.expected.usage[workspace] += value * 1_000_000
-        self.expected.meters[idempotency] = value
+        self.expected.meters[meter_identifier(workspace, "ai_credits", idempotency)] = value
         body = msgspec.json.encode(
             {
                 "event_type": "ai_credits",
@@ -312,7 +316,7 @@ class Suite:
                 "stripe_customer_id": "cus_sentinel",
             }
             self.expected.usage["ws-sentinel"] += 1_000_000
-            self.expected.meters["usage-sentinel"] = 1
+            self.expected.meters[SENTINEL] = 1
             response = await client.send_message(QueueUrl=url, MessageBody=msgspec.json.encode(sentinel).decode())
             self.expected.valid_sqs_ids.add(response["MessageId"])
 
@@ -439,7 +443,7 @@ class Suite:
             "slow_drains": sum(1 for _, seconds in self.figures.sigterms if seconds > bound),
             "bad_exits": sum(1 for code, _ in self.figures.sigterms if code != 0),
             "max_drain": max((s for _, s in self.figures.sigterms), default=0.0),
-            "sentinel": e.cdrs["sentinel"] == "delivered" and meters["usage-sentinel"] == 1,
+            "sentinel": e.cdrs["sentinel"] == "delivered" and meters[SENTINEL] == 1,
         }
 
     async def _dead_letters(self) -> dict[str, str]:

@@ -47,6 +47,18 @@ class RawProperties(Basic.Properties):
         return data
 
 
+class WithoutMessageId(Basic.Properties):
+    """Properties sent without a `message_id`, as Jasmin (txAMQP) and many producers send them:
+    aiormq gives every publish one of its own, so this takes it out of the marshalled frame."""
+
+    def marshal(self) -> bytes:
+        kept, self.message_id = self.message_id, None
+        try:
+            return super().marshal()
+        finally:
+            self.message_id = kept
+
+
 def bodies(rng: random.Random) -> list[tuple[str, bytes]]:
     """`(kind, body)`: every hostile body shape once (random parts from `rng`)."""
     deep = b"[" * 100_000 + b"]" * 100_000

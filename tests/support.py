@@ -589,3 +589,12 @@ def _listening(process: Any, port: int, what: str, within: float = 30.0) -> str:
             process.kill()
             raise RuntimeError(f"{what} did not start")
         time.sleep(0.1)
+
+
+def meter_id(body: Mapping[str, Any]) -> str:
+    """The meter event `identifier` billingd derives for a usage event (seed 001 or 004 shape)."""
+    from billingd.clients.stripe_ids import meter_identifier
+
+    if "userId" in body:
+        return meter_identifier(body["userId"], body["entitlementKey"], body["idempotencyKey"])
+    return meter_identifier(body["workspace_id"], body["event_type"], body["idempotency_key"])

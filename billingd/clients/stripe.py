@@ -3,9 +3,13 @@
 Failures are classified once, here (DESIGN §2, §9):
 
 * transient (`DownstreamUnavailable`, retried through the breaker): no answer (network,
-  timeout), 5xx, 409 (an idempotency key in use by a concurrent request) — and 401/403,
-  because a revoked or mistyped API key is an outage of our access to Stripe, not a property of
-  the message: dead-lettering every message would empty the queue into the DLQ;
+  timeout), 5xx, 409 (an idempotency key in use by a concurrent request);
+* configuration (`DownstreamUnavailable` that is never an attempt, its detail naming the fix): a
+  401/403 (a revoked or mistyped key is an outage of our access to Stripe, not a property of the
+  message: dead-lettering every message would empty the queue into the DLQ), a 404 that is not
+  Stripe's `resource_missing` ("Unrecognized request URL": `api_base` or `meter_events_base`
+  points at something that does not serve Stripe's API), and a meter event for a meter that is
+  not active (`billingd.clients.stripe_meters`);
 * back-pressure (`Throttled`): a 429. Stripe decides it before its idempotency layer
   (docs.stripe.com/error-low-level), so nothing happened; the message is retried after a delay
   (short when `Stripe-Should-Retry` is absent or `true`, longer when `false`), never counted as an
@@ -35,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import stripe
+import structlog
 
 from billingd.clients.errors import DownstreamRejected, DownstreamUnavailable, Guard, Throttled
 from billingd.clients.keyed import KeyedLocks
+from billingd.clients.stripe_meters import MeterCatalogue
 from billingd.clients.stripe_stream import MeterSession, MeterStream, SessionExpired, is_session_expired
 from billingd.config.model import StripeSettings
 from billingd.telemetry.tracing import child_span
@@ -45,6 +51,8 @@ from billingd.telemetry.tracing import child_span
 if TYPE_CHECKING:
     from billingd.clients.ledger.limits import SharedLimits
     from billingd.telemetry import Metrics
+
+log = structlog.get_logger("billingd.stripe")
 
 #: Delay (seconds) before a message throttled by a 429 is tried again; `Stripe-Should-Retry: false`.
 RETRY_429 = 1.0
@@ -64,11 +72,17 @@ def classify(exc: stripe.StripeError) -> DownstreamUnavailable | DownstreamRejec
     """The billingd error for a stripe-python error (see module docstring)."""
     status = exc.http_status
     message = exc.user_message or str(exc) or type(exc).__name__
-    detail = f"{status or 'no answer'}: {message}"
+    detail = f"{status or 'no answer'}: {message}"[:600]
     if status == 429:
         refused = (_header(exc.headers, "Stripe-Should-Retry") or "").lower() == "false"
         return Throttled("stripe", detail, RETRY_429_REFUSED if refused else RETRY_429)
-    if status is None or status >= 500 or status in (401, 403, 409):
+    if status in (401, 403):
+        fix = "[stripe].api_key is refused (revoked, mistyped, or without the permission): fix it and reload"
+        return DownstreamUnavailable("stripe", f"{detail} — fix: {fix}", counts=False)
+    if status == 404 and exc.code != "resource_missing":
+        fix = "[stripe].api_base / meter_events_base do not serve Stripe's API here (a proxy or a mock?)"
+        return DownstreamUnavailable("stripe", f"{detail} — fix: {fix}", counts=False)
+    if status is None or status >= 500 or status == 409:
         return DownstreamUnavailable("stripe", detail)
     exists = _EXISTS.match(message) if status == 400 else None
     if exists is not None:
@@ -117,6 +131,8 @@ class StripeGateway:
         self._throttled = metrics.stripe_throttled if metrics is not None else None
         self._rate_limited = metrics.stripe_rate_limited if metrics is not None else None
         self._in_flight = KeyedLocks("stripe")
+        self.catalogue = MeterCatalogue(self._list_meters)
+        self._warned: dict[str, float] = {}
         self.session = MeterSession(self._create_session)
         self.stream = MeterStream(
             self._post_stream,
@@ -225,6 +241,45 @@ class StripeGateway:
         method = self._client.v1.invoices.update_async
         return await self._on(method, invoice_id, {"metadata": metadata}, idempotency_key)
 
+    # -- meters ------------------------------------------------------------------------------
+
+    async def _list_meters(self) -> list[dict[str, Any]]:
+        """Every meter of the account (`GET /v1/billing/meters`, 100 a page)."""
+        meters: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = await self.call(self._client.v1.billing.meters.list_async, params)
+            data = [m.to_dict() for m in page.data]
+            meters += data
+            if not page.has_more or not data:
+                return meters
+            params = {"limit": 100, "starting_after": data[-1]["id"]}
+
+    async def require_meter(self, event_name: str) -> None:
+        """Return when Stripe has an active meter `event_name`.
+
+        Raises:
+            DownstreamUnavailable: it has none, or not active (never an attempt; counted by the
+                `stripe` breaker; logged at most once a minute per name) — or the catalogue
+                could not be read.
+        """
+        meter = await self.catalogue.meter(event_name)
+        if meter is not None and meter.get("status") == "active":
+            return
+        await self._guard.call(self._no_meter, event_name, meter)
+
+    async def _no_meter(self, event_name: str, meter: dict[str, Any] | None) -> None:
+        state = "no meter" if meter is None else f"meter {meter.get('id')} is {meter.get('status')}"
+        detail = (
+            f"{state} for event_name {event_name!r} — fix: create or reactivate it in Stripe, or map the event "
+            "type to an active meter in [stripe].meters (events wait, uncounted, until then)"
+        )
+        now = anyio.current_time()
+        if now - self._warned.get(event_name, -60.0) >= 60:
+            self._warned[event_name] = now
+            log.error("Stripe meter missing: meter events held", event_name=event_name, detail=detail)
+        raise DownstreamUnavailable("stripe", detail, counts=False)
+
     # -- meter events ------------------------------------------------------------------------
 
     async def create_meter_event(
@@ -241,6 +296,7 @@ class StripeGateway:
             MeterEventExists: (v1) Stripe already holds an event with an identifier.
             Throttled, DownstreamUnavailable, DownstreamRejected, CircuitOpen: see `call`.
         """
+        await self.require_meter(event_name)
         payload = {"stripe_customer_id": customer, "value": str(value)}
         if self.meter_api == "stream":
             event = {"event_name": event_name, "identifier": identifier, "payload": payload}

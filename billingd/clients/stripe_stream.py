@@ -25,6 +25,7 @@ lifetime early, at most a minute) and again on a 401, shared by every worker.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -137,7 +138,9 @@ class MeterStream:
         else:
             await batch.done.wait()
         if batch.error is not None:
-            raise batch.error
+            if leader:
+                raise batch.error
+            raise _own_copy(batch.error)  # one object raised by every follower grows one traceback without end
 
     async def _lead(self, batch: _Batch) -> None:
         try:
@@ -164,7 +167,25 @@ class MeterStream:
             await self._post(events, token)
         except SessionExpired:
             self._session.expired(token)
-            await self._post(events, await self._session.token())
+            try:
+                await self._post(events, await self._session.token())
+            except SessionExpired as again:
+                raise DownstreamUnavailable(
+                    "stripe", f"the meter event session expired again right after it was renewed: {again}"
+                ) from None
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of a batch's error for one of its followers to raise (see `DownstreamError.__copy__`);
+    an error that cannot be copied is reported as a transient failure of the batch."""
+    try:
+        clone = copy.copy(error)
+    except Exception:  # noqa: BLE001 — any error that will not copy becomes the batch's failure
+        clone = None
+    if clone is None or clone is error:
+        return DownstreamUnavailable("stripe", f"meter event batch failed: {type(error).__name__}: {error}"[:500])
+    clone.__cause__, clone.__context__, clone.__traceback__ = error.__cause__, None, None
+    return clone
 
 
 def _seconds_until(stamp: str) -> float:

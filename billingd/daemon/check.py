@@ -155,3 +155,37 @@ async def redis_warnings(settings: Settings, within: float = 3.0) -> list[str]:
             "replica(s) connected: no message can be acked until enough replicas are"
         )
     return warnings
+
+
+async def stripe_meter_check(settings: Settings, within: float = 10.0) -> tuple[list[str], list[str]]:
+    """`(lines, errors)`: the account's meters (`GET /v1/billing/meters`) and, as errors, each
+    `[stripe].meters` value that names no active meter (its events would be refused by Stripe
+    after billingd acked them: `no_meter`, `archived_meter`). Nothing to check without a `usage`
+    source, a meter map or an API key; Stripe not answering is a line, not an error."""
+    stripe = settings.stripe
+    if not stripe.meters or not stripe.api_key or not any(s.handler == "usage" for s in settings.sources):
+        return [], []
+    from billingd.clients import Unguarded
+    from billingd.clients.stripe import StripeGateway
+
+    gateway = StripeGateway(stripe, Unguarded("stripe"))
+    try:
+        with anyio.fail_after(within):
+            meters = await gateway.catalogue.all()
+    except Exception as exc:  # noqa: BLE001 — a check reports what it could not read
+        return [f"  stripe: could not list the meters ({type(exc).__name__}: {exc})"[:400]], []
+    finally:
+        await gateway.aclose()
+    by_name = {str(m.get("event_name")): m for m in meters}
+    shown = ", ".join(f"{name} ({m.get('status')})" for name, m in sorted(by_name.items())) or "none"
+    lines = [f"  stripe: meters of the account: {shown}"]
+    errors = []
+    for event_type, event_name in sorted(stripe.meters.items()):
+        meter = by_name.get(event_name)
+        if meter is None or meter.get("status") != "active":
+            state = "no meter" if meter is None else f"meter {meter.get('id')} is {meter.get('status')}"
+            errors.append(
+                f"stripe.meters.{event_type}: Stripe has {state} with event_name {event_name!r}: its events would be "
+                "refused after billingd acked them; create or reactivate the meter, or map the type to an active one"
+            )
+    return lines, errors

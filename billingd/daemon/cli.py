@@ -15,7 +15,7 @@ import anyio
 from billingd import __version__
 from billingd.config import ConfigError
 from billingd.daemon.app import Daemon
-from billingd.daemon.check import broker_warnings, describe, redis_warnings
+from billingd.daemon.check import broker_warnings, describe, redis_warnings, stripe_meter_check
 from billingd.daemon.exits import EXIT_CONFIG, EXIT_FORCED
 from billingd.daemon.logging import configure_logging
 from billingd.daemon.loop import loop_options
@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", "-c", default=None, help=CONFIG_HELP)
         if name == "check":
-            command.add_argument("--offline", action="store_true", help="do not ask the brokers for retention periods")
+            command.add_argument(
+                "--offline", action="store_true", help="ask nothing of the brokers, Redis or Stripe (retention, meters)"
+            )
     commands.add_parser("version", help="print the version")
     add_commands(commands, CONFIG_HELP)
     return parser
@@ -76,6 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  traces: {'on (OpenTelemetry, from the OTEL_* variables)' if tracing.enabled else 'off'}")
         for line in describe(settings, HANDLERS):
             print(line)
+        meters, refused = ([], []) if args.offline else anyio.run(stripe_meter_check, settings, backend="asyncio")
+        for line in meters:
+            print(line)
+        if refused:
+            print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
+            for error in refused:
+                print(f"  {error}", file=sys.stderr)
+            return EXIT_CONFIG
         warnings = [] if args.offline else anyio.run(broker_warnings, settings, HANDLERS, backend="asyncio")
         if warnings:
             print("warnings (idempotency records vs. how long a message can wait):")

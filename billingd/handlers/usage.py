@@ -11,10 +11,15 @@ Either way, an event type (seed 001: the entitlement key) mapped in `[stripe].me
 case-insensitively, see `billingd.handlers.meters`) is also reported to Stripe as a meter event;
 an unmapped one is counted in Redis and in `billingd_usage_unmetered_total`, or dead-lettered
 (`handler_options.unmapped = "dead_letter"`). The idempotency key is the message's own field, else the
-SQS message id. The Redis step is atomic and recorded; a retry after it redoes only the Stripe
-step, which runs once across workers (`OnceLedger`: two copies of one event delivered at the
-same time do not both call Stripe) with `identifier` = the idempotency key and an
-`Idempotency-Key` header, so every effect happens once.
+broker's message id — never a digest of the body (an AMQP message without a `message_id`): two
+identical events without a key are two events, so such an event is dead-lettered rather than
+counted once. A producer's key is unique within its subject (seed 001: within its subject and
+entitlement key), so everything derived from it is scoped: the Redis record, and the meter
+event's `identifier` = `meter_identifier(subject, event type, key)` (`billingd.clients.stripe_ids`:
+68 characters whatever the key; Stripe's identifiers are unique per account). The Redis step is
+atomic and recorded; a retry after it redoes only the Stripe step, which runs once across
+workers (`OnceLedger`: two copies of one event delivered at the same time do not both call
+Stripe) with that `identifier` and an `Idempotency-Key` header, so every effect happens once.
 
 Outcomes (seed 001 "Behaviour after send"): a missing entitlement is retried (the subscription
 sync may not have written it yet), then dead-lettered; an inactive entitlement, one without
@@ -44,6 +49,7 @@ import structlog
 
 from billingd.clients.ledger import Applied, OnceLedger, UsageLedger
 from billingd.clients.ledger.base import LEDGER_MAX
+from billingd.clients.stripe_ids import meter_identifier
 from billingd.config.durations import Duration
 from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message, OptionalId
 from billingd.handlers.meters import MeterMap
@@ -128,14 +134,14 @@ class UsageHandler:
             subject = _required(event.userId, "userId")
             name = _required(event.entitlementKey, "entitlementKey")
             quantity, field, consume = event.amount if event.amount is not None else Decimal(1), "amount", True
-            key = event.idempotencyKey or message.message_id
+            key = event.idempotencyKey or _broker_id(message, "idempotencyKey")
         elif event.event_type is not None or event.workspace_id is not None:
             subject = _required(event.workspace_id, "workspace_id")
             name = _required(event.event_type, "event_type")
             if event.value is None:
                 raise InvalidMessage("invalid message: Object missing required field `value`")
             quantity, field, consume = event.value, "value", False
-            key = event.idempotency_key or message.message_id
+            key = event.idempotency_key or _broker_id(message, "idempotency_key")
         else:
             raise InvalidMessage(
                 "not a usage event: expected userId and entitlementKey (seed 001) "
@@ -174,7 +180,8 @@ class UsageHandler:
                 f"over the limit of {name} for {subject}: {_units(result.used)} used + {quantity} "
                 f"> {_units(result.limit)}"
             )
-        if meter and not await self._once.done(subject, f"meter:{key}"):
+        step = f"meter:{name}:{key}" if consume else f"meter:{key}"  # scoped as the producer's key is
+        if meter and not await self._meter_sent(subject, step, key, consume):
             customer = event.stripe_customer_id or await self._ledger.customer(subject)
             if not customer:
                 return Retry(f"no Stripe customer known for {subject} (yet)")
@@ -184,13 +191,22 @@ class UsageHandler:
             timestamp = event.timestamp or result.at
             if event.timestamp is None:  # the time of the Redis step: a retry weeks later can pass 35 days
                 _check_timestamp(timestamp, int(time.time()))
-            send = partial(self._send, meter, customer, metered_value, key, timestamp)
+            identifier = meter_identifier(subject, name, key)
+            send = partial(self._send, meter, customer, metered_value, identifier, timestamp, key)
             ttl = int(self._options.dedup_ttl)
-            await self._once.run_once(subject, f"meter:{key}", send, lease=self._lease, ttl=ttl)
+            await self._once.run_once(subject, step, send, lease=self._lease, ttl=ttl)
         return ACK
 
-    async def _send(self, meter: str, customer: str, value: int, identifier: str, timestamp: int) -> None:
+    async def _meter_sent(self, subject: str, step: str, key: str, consume: bool) -> bool:
+        """Whether the Stripe step of this event is done (for seed 001, also under the step's
+        name of before keys were scoped by entitlement)."""
+        if await self._once.done(subject, step):
+            return True
+        return consume and await self._once.done(subject, f"meter:{key}")
+
+    async def _send(self, meter: str, customer: str, value: int, identifier: str, timestamp: int, key: str) -> None:
         """Report one meter event; Stripe already holding this identifier counts as sent."""
+        log.debug("meter event", meter=meter, identifier=identifier, idempotency_key=key[:200], customer=customer)
         from billingd.clients.stripe import MeterEventExists  # the SDK loads only with a meter
 
         assert self._stripe is not None
@@ -203,7 +219,12 @@ class UsageHandler:
                 raise
             if self._duplicates is not None:
                 self._duplicates.inc()
-            log.info("Stripe already holds this meter event: acked as a duplicate", identifier=identifier, meter=meter)
+            log.info(
+                "Stripe already holds this meter event: acked as a duplicate",
+                identifier=identifier,
+                idempotency_key=key[:200],
+                meter=meter,
+            )
 
     def _meter_value(self, name: str, quantity: Decimal) -> int:
         scale = self._meters.scale(name)
@@ -244,6 +265,21 @@ def _check_timestamp(timestamp: int, now: int) -> None:
             f"meter event timestamp {timestamp} is {timestamp - now} s ahead: Stripe takes at most "
             f"{STRIPE_MAX_AHEAD} s in the future; check the producer's clock"
         )
+
+
+def _broker_id(message: Message, field: str) -> str:
+    """The broker's id of `message`, for an event without its own idempotency key.
+
+    Raises:
+        InvalidMessage: the id is a digest of the body (an AMQP message without `message_id`):
+            two identical events would count once.
+    """
+    if message.derived_id:
+        raise InvalidMessage(
+            f"usage event without `{field}` and without an AMQP message_id: two identical events could not be "
+            f"told from one delivered twice, so it is not applied; set `{field}` (or the message_id property)"
+        )
+    return message.message_id
 
 
 def _required(value: str | None, name: str) -> str:

@@ -48,6 +48,9 @@ from aiohttp import web
 
 from tests.doubles.server import Double, Recorded
 
+#: The meters a new double's account has: those of billingd.toml and the tests.
+DEFAULT_METERS = ("ai_credits", "whatsapp_messages", "email_sends", "ai_tutor_uses")
+
 
 def unflatten(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """Stripe's form encoding (`a[b][c]=1`, `a[0]=x`) back to nested dicts."""
@@ -108,18 +111,22 @@ class StripeDouble(Double):
     """See module docstring. `meter_events` are the events Stripe would have recorded.
 
     `contract` sets latency and limits (and may be replaced between tests); `known_customers`,
-    when not None, is the set of customer ids the stream's validation accepts; `meters` likewise
-    for event names."""
+    when not None, is the set of customer ids the stream's validation accepts; `meter_catalogue`
+    holds the account's meters by event name (`add_meter`; by default the active meters of
+    `DEFAULT_METERS`), listed by `GET /v1/billing/meters`: an event for an unknown or inactive
+    meter is refused later (`no_meter`, `archived_meter`)."""
 
-    def __init__(self, contract: StripeContract | None = None) -> None:
+    def __init__(self, contract: StripeContract | None = None, meters: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.contract = contract or StripeContract()
+        self.meter_catalogue: dict[str, dict[str, Any]] = {}
+        for name in DEFAULT_METERS if meters is None else meters:
+            self.add_meter(name)
         self.meter_events: list[dict[str, Any]] = []
         self.objects: dict[str, dict[str, dict[str, Any]]] = {"products": {}, "customers": {}, "invoices": {}}
         self.payments: list[str] = []
         """Invoice ids paid out of band, one entry per payment Stripe actually made."""
         self.known_customers: set[str] | None = None
-        self.meters: set[str] | None = None
         self.rate_limited = 0
         """Requests answered 429."""
         self.stream_requests: list[int] = []
@@ -134,10 +141,34 @@ class StripeDouble(Double):
         self._errors: list[tuple[str, str, str]] = []  # (code, message, identifier) not yet reported
         self.events: dict[str, dict[str, Any]] = {}
         """v2 events by id (`GET /v2/core/events/{id}`)."""
+        self.unserved: tuple[str, ...] = ()
+        """Path prefixes answered 404 "Unrecognized request URL", as Stripe answers a path it does
+        not serve (a proxy or a mock without the v2 meter event stream, say)."""
         self.lose_pay_replies = 0
         """The next this many `POST /v1/invoices/{id}/pay` calls pay the invoice, then answer 500
         (saved under their idempotency key, as Stripe does once an endpoint began executing): a
         reply lost after the effect."""
+
+    def add_meter(self, event_name: str, status: str = "active") -> dict[str, Any]:
+        """Create (or replace) the meter of `event_name`, as `POST /v1/billing/meters` would."""
+        now = int(time.time())
+        meter = {
+            "id": f"mtr_{len(self.meter_catalogue) + 1:06d}{event_name[:8]}",
+            "object": "billing.meter",
+            "created": now,
+            "updated": now,
+            "livemode": False,
+            "display_name": event_name,
+            "event_name": event_name,
+            "event_time_window": None,
+            "status": status,
+            "status_transitions": {"deactivated_at": None if status == "active" else now},
+            "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
+            "default_aggregation": {"formula": "sum"},
+            "value_settings": {"event_payload_key": "value"},
+        }
+        self.meter_catalogue[event_name] = meter
+        return meter
 
     def expire_tokens(self) -> None:
         """Expire every meter event session token now (as if their 15 minutes had passed)."""
@@ -192,16 +223,58 @@ class StripeDouble(Double):
             },
         )
 
+    @web.middleware
+    async def _unserved(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.unserved and request.path.startswith(self.unserved):
+            self.requests.append(Recorded(request.method, request.path, dict(request.headers), b"", status=404))
+            return _error(
+                404,
+                "invalid_request_error",
+                f"Unrecognized request URL ({request.method}: {request.path}). Please see https://stripe.com/docs "
+                "or we can help at https://support.stripe.com/.",
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._unserved])
         app.router.add_post("/v1/billing/meter_events", self._meter_event)
         app.router.add_post("/v2/billing/meter_event_session", self._session)
         app.router.add_post("/v2/billing/meter_event_stream", self._stream)
         app.router.add_get("/v2/core/events/{id}", self._v2_event)
+        app.router.add_get("/v1/billing/meters", self._list_meters)
         app.router.add_get("/v1/{resource}/{id}", self._retrieve)
         app.router.add_post("/v1/invoices/{id}/pay", self._pay)
         app.router.add_post("/v1/invoices/{id}", self._update_invoice)
         return app
+
+    async def _list_meters(self, request: web.Request) -> web.Response:
+        """`GET /v1/billing/meters`: newest first, `limit` 1–100 (default 10), `starting_after`, `status`."""
+        _, early = await self._begin(request)
+        if early is not None:
+            return early
+        query = request.query
+        try:
+            limit = int(query.get("limit", "10"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            return _error(
+                400, "invalid_request_error", "limit must be between 1 and 100", code="parameter_invalid_integer"
+            )
+        meters = sorted(self.meter_catalogue.values(), key=lambda m: (m["created"], m["id"]), reverse=True)
+        if query.get("status"):
+            meters = [m for m in meters if m["status"] == query["status"]]
+        after = query.get("starting_after")
+        if after:
+            ids = [m["id"] for m in meters]
+            if after not in ids:
+                return _error(
+                    404, "invalid_request_error", f"No such billing.meter: '{after}'", code="resource_missing"
+                )
+            meters = meters[ids.index(after) + 1 :]
+        body = {"object": "list", "url": "/v1/billing/meters", "has_more": len(meters) > limit, "data": meters[:limit]}
+        return web.json_response(body)
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         _, early = await self._begin(request)
@@ -438,7 +511,7 @@ class StripeDouble(Double):
         if identifier in self._identifiers:
             return
         payload = event.get("payload") or {}
-        error = _invalid(event, payload, self.known_customers, self.meters)
+        error = _invalid(event, payload, self.known_customers, self.meter_catalogue)
         if error is not None:
             self._errors.append((*error, identifier))
             return
@@ -509,7 +582,7 @@ class StripeDouble(Double):
 
 
 def _invalid(
-    event: dict[str, Any], payload: dict[str, Any], customers: set[str] | None, meters: set[str] | None
+    event: dict[str, Any], payload: dict[str, Any], customers: set[str] | None, meters: dict[str, dict[str, Any]]
 ) -> tuple[str, str] | None:
     """`(code, message)` of the first rule a streamed event breaks, or None."""
     customer = payload.get("stripe_customer_id")
@@ -517,8 +590,11 @@ def _invalid(
         return "meter_event_no_customer_defined", "no stripe_customer_id in the payload"
     if customers is not None and customer not in customers:
         return "meter_event_customer_not_found", f"No customer {customer}"
-    if meters is not None and event.get("event_name") not in meters:
+    meter = meters.get(str(event.get("event_name")))
+    if meter is None:
         return "no_meter", f"No active meter for event name {event.get('event_name')}"
+    if meter["status"] != "active":
+        return "archived_meter", f"Meter {meter['id']} is inactive"
     try:
         value = Decimal(str(payload.get("value")))
     except InvalidOperation:

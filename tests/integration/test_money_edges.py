@@ -110,3 +110,109 @@ async def test_payments_sent_twice_while_stripe_fails_are_each_paid_once_and_non
 
 async def _at_least(value, n: float) -> bool:
     return await value >= n
+
+
+def usage_settings(source, stripe_double, **stripe):
+    return make_settings(
+        [source],
+        stripe={**STRIPE, "api_base": stripe_double.url, "meters": {"ai_credits": "ai_credits"}, **stripe},
+        daemon={"log_level": "info"},
+    )
+
+
+async def test_two_tenants_with_the_same_key_are_both_billed(sqs, stripe_double, redis, tmp_path):
+    """Before: Stripe's identifier was the bare key, unique per account: of two workspaces both
+    sending idempotency_key "1", Stripe kept one (stream) or billingd dead-lettered the second
+    after Redis had counted it (v1). A 300-character key was counted, then refused by Stripe."""
+    from billingd.clients import Unguarded
+    from billingd.clients.ledger import UsageLedger
+
+    url, dlq = await sqs.queue()
+    source = sqs_source("usage", url, dlq, sqs.endpoint)
+    ledger = UsageLedger(redis, Unguarded("redis"))
+    tenants = {unique("ws"): unique("cus").replace("-", "_") for _ in range(2)}
+    bodies = []
+    for workspace, customer in tenants.items():
+        await ledger.set_customer(workspace, customer)
+        for key in ("1", "k" * 300):
+            bodies.append({"event_type": "ai_credits", "workspace_id": workspace, "value": 2, "idempotency_key": key})
+    for body in bodies:
+        await sqs.send(url, body)
+    async with Process(tmp_path, usage_settings(source, stripe_double)) as billingd:
+        await wait_for(lambda: _at_least(billingd.processed(source["name"], "ack"), 4), timeout=60, what="acked")
+        dead = await billingd.processed(source["name"], "dead_letter")
+    assert dead == 0
+    billed = {(e["payload"]["stripe_customer_id"], e["identifier"]) for e in stripe_double.meter_events}
+    assert len(billed) == 4  # each tenant's two events, none taken for the other's
+    assert {customer for customer, _ in billed} == set(tenants.values())
+    assert all(len(identifier) <= 100 for _, identifier in billed)
+    for workspace in tenants:
+        assert (await ledger.counter(workspace, "ai_credits"))[0] == 4_000_000
+
+
+async def test_a_stripe_that_does_not_serve_the_stream_holds_usage_instead_of_dead_lettering_it(
+    sqs, stripe_double, redis, tmp_path
+):
+    """Before: a 404 for the stream endpoints (a proxy or mock without them) was a permanent
+    refusal, and one run turned 4,775 valid usage events into dead letters."""
+    from billingd.clients import Unguarded
+    from billingd.clients.ledger import UsageLedger
+
+    url, dlq = await sqs.queue()
+    source = sqs_source("usage", url, dlq, sqs.endpoint, max_attempts=2)
+    workspace = unique("ws")
+    await UsageLedger(redis, Unguarded("redis")).set_customer(workspace, "cus_404")
+    stripe_double.unserved = ("/v2/",)
+    keys = [f"k-{i}" for i in range(8)]
+    for key in keys:
+        await sqs.send(url, {"event_type": "ai_credits", "workspace_id": workspace, "value": 1, "idempotency_key": key})
+    async with Process(tmp_path, usage_settings(source, stripe_double)) as billingd:
+        await wait_for(
+            lambda: _equals(billingd.metric("billingd_circuit_breaker_state", breaker="stripe"), 2),
+            timeout=30,
+            what="the stripe breaker open",
+        )
+        await anyio.sleep(2)  # probes keep meeting the 404
+        assert await billingd.processed(source["name"], "dead_letter") == 0
+        stripe_double.unserved = ()  # the proxy fixed
+        await wait_for(lambda: _at_least(billingd.processed(source["name"], "ack"), 8), timeout=60, what="acked")
+        dead = await billingd.processed(source["name"], "dead_letter")
+    assert dead == 0 and await sqs.depth(dlq) == 0
+    assert len(stripe_double.meter_events) == 8
+    opened = [line for line in billingd.stderr.splitlines() if "circuit breaker open" in line and "stripe" in line]
+    assert opened and "Unrecognized request URL" in opened[0] and "fix:" in opened[0], billingd.stderr[-3000:]
+
+
+async def _equals(value, expected: float) -> bool:
+    return await value == expected
+
+
+async def test_check_lists_stripes_meters_and_refuses_a_map_to_a_missing_one(stripe_double, tmp_path, sqs):
+    """Item 5: `billingd check` (online) asks Stripe for its meters; a `[stripe].meters` value
+    that names no active meter is a configuration error (exit 78), naming the key and the fix."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import settings_tree, to_toml
+
+    stripe_double.add_meter("email_sends", status="inactive")
+    url, dlq = await sqs.queue()
+    source = sqs_source("usage", url, dlq, sqs.endpoint)
+    meters = {"ai_credits": "ai_credits", "email_send": "email_sends", "sms": "sms_segments"}
+    config = tmp_path / "billingd.toml"
+    config.write_text(to_toml(settings_tree(usage_settings(source, stripe_double, meters=meters))))
+    result = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "billingd", "check", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **SECRETS},
+            timeout=60,
+        )
+    )
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert "meters of the account: ai_credits (active)" in result.stdout
+    assert "stripe.meters.email_send: Stripe has meter" in result.stderr and "is inactive" in result.stderr
+    assert "stripe.meters.sms: Stripe has no meter with event_name 'sms_segments'" in result.stderr
+    assert "stripe.meters.ai_credits" not in result.stderr

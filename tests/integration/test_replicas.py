@@ -17,6 +17,7 @@ from tests.support import (
     free_port,
     http_ready,
     make_settings,
+    meter_id,
     scrape,
     sqs_source,
     start_billingd,
@@ -88,7 +89,11 @@ async def test_three_replicas_one_killed_apply_every_effect_exactly_once(amqp, r
     for w in range(3):
         assert (await usage_ledger.counter(f"ws-{w}", "ai_credits"))[0] == 10 * MICROS
     identifiers = [e["identifier"] for e in stripe_double.meter_events]
-    assert sorted(identifiers) == sorted(f"u-{i}" for i in range(USAGE))  # each meter event exactly once
+    expected = [
+        meter_id({"workspace_id": f"ws-{i % 3}", "event_type": "ai_credits", "idempotency_key": f"u-{i}"})
+        for i in range(USAGE)
+    ]
+    assert sorted(identifiers) == sorted(expected)  # each meter event exactly once
     per_replica = [counts_at_kill[0], *final]
     print(f"handled per replica (the first killed at {counts_at_kill[0]:.0f}): {per_replica}")
     assert sum(1 for n in per_replica if n > 0) == 3  # all three took part

@@ -16,7 +16,7 @@ from billingd.clients import Unguarded
 from billingd.clients.ledger import UsageLedger
 from billingd.supervisors.breaker import BreakerState
 from tests.doubles.stripe import StripeContract
-from tests.support import amqp_source, make_settings, running, unique, wait_for
+from tests.support import amqp_source, make_settings, meter_id, running, unique, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
@@ -62,7 +62,7 @@ async def test_stream_batches_events_of_many_workers_and_renews_an_expired_token
         await wait_for(lambda: value(daemon, source["name"], "ack") == 120, timeout=20, what="all acked")
         assert value(daemon, source["name"], "retry") == 0  # a renewed token is not a failure
     recorded = stripe_double.recorded()
-    assert sorted(recorded) == sorted(e["idempotency_key"] for e in first + second)
+    assert sorted(recorded) == sorted(meter_id(e) for e in first + second)
     assert set(recorded.values()) == {1}
     assert stripe_double.sessions == 2
     assert max(stripe_double.stream_requests) > 1  # events of several workers shared requests
@@ -106,7 +106,7 @@ async def test_a_failed_stream_request_retries_only_its_own_events(amqp, redis, 
         assert retried == events_in(stripe_double.requests[start:end])  # the requests that timed out
     assert 1 <= retried < 40
     recorded = stripe_double.recorded()
-    assert sorted(recorded) == sorted(b["idempotency_key"] for b in bodies)
+    assert sorted(recorded) == sorted(meter_id(b) for b in bodies)
     assert set(recorded.values()) == {1}  # a timed-out request Stripe took anyway is not doubled
 
 
@@ -120,7 +120,7 @@ async def test_a_drain_sends_what_the_batcher_holds_and_an_abort_releases_it_una
         await publish(amqp, source, bodies)
         await wait_for(lambda: daemon.metrics.sources[source["name"]].running == 5, what="5 waiting in the batcher")
         assert stripe_double.stream_requests == []
-    assert sorted(stripe_double.recorded()) == sorted(b["idempotency_key"] for b in bodies)
+    assert sorted(stripe_double.recorded()) == sorted(meter_id(b) for b in bodies)
     assert await amqp.depth(source["queue"]) == 0
     # now Stripe hangs and the drain times out: the handlers are cancelled, their messages released
     later = [usage(workspace, f"e-{i}-{workspace}") for i in range(5)]
@@ -186,7 +186,7 @@ async def test_error_reports_of_the_stream_are_counted_per_meter_and_code_once(a
             events_source["name"], "mtr_ai_credits", "meter_event_customer_not_found"
         )
         assert errors._value.get() == 4
-    assert sorted(stripe_double.recorded()) == sorted(b["idempotency_key"] for b in good)
+    assert sorted(stripe_double.recorded()) == sorted(meter_id(b) for b in good)
     assert [r.path for r in stripe_double.requests if r.path.startswith("/v2/core/events/")] == []  # once-ledger
 
 
@@ -196,10 +196,7 @@ async def test_v1_keeps_one_call_per_customer_and_meter_and_acks_proven_duplicat
     pairs = await customers(redis, 2)
     bodies = [usage(workspace, f"v1-{i}-{workspace}") for i in range(12) for workspace, _ in pairs]
     stripe_double.preload(
-        [
-            {"event_name": "ai_credits", "identifier": b["idempotency_key"], "payload": {}, "timestamp": 0}
-            for b in bodies[:4]
-        ]
+        [{"event_name": "ai_credits", "identifier": meter_id(b), "payload": {}, "timestamp": 0} for b in bodies[:4]]
     )
     settings = make_settings([source], stripe=stripe_settings(stripe_double, meter_api="v1"))
     async with running(settings) as daemon:
@@ -211,7 +208,7 @@ async def test_v1_keeps_one_call_per_customer_and_meter_and_acks_proven_duplicat
     assert duplicates == 4
     assert stripe_double.rate_limited == 0  # never two calls in flight for one customer and meter
     recorded = stripe_double.recorded()
-    assert sorted(recorded) == sorted(b["idempotency_key"] for b in bodies)
+    assert sorted(recorded) == sorted(meter_id(b) for b in bodies)
     assert set(recorded.values()) == {1}
 
 
@@ -297,4 +294,4 @@ async def test_hostile_meter_fields_dead_letter_alone_and_their_neighbours_are_m
     letters = {m.message_id: m.headers["x-billingd-reason"] for m in await amqp.drain_queue(source["queue"] + ".dlq")}
     assert set(letters) == set(hostile)
     assert all(len(reason) <= 2000 for reason in letters.values())
-    assert sorted(stripe_double.recorded()) == sorted(b["idempotency_key"] for b in good)
+    assert sorted(stripe_double.recorded()) == sorted(meter_id(b) for b in good)

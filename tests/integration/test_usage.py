@@ -10,7 +10,7 @@ import pytest
 from billingd.clients import Unguarded
 from billingd.clients.ledger import MICROS, UsageLedger
 from billingd.supervisors.breaker import BreakerState
-from tests.support import make_settings, running, sqs_source, unique, wait_for
+from tests.support import make_settings, meter_id, running, sqs_source, unique, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
@@ -81,7 +81,7 @@ async def test_the_same_idempotency_key_twice_counts_once_and_meters_once(sqs, l
     assert (await ledger.counter(user, "AI_TUTOR_ACCESS"))[0] == MICROS
     [meter] = stripe_double.meter_events
     assert meter["event_name"] == "ai_tutor_uses"
-    assert meter["identifier"] == "evt-1"
+    assert meter["identifier"] == meter_id(event)  # derived from (user, entitlement, key): no tenant shares it
     assert meter["payload"] == {"stripe_customer_id": "cus_tutor", "value": "1"}
 
 
@@ -126,19 +126,25 @@ async def test_seed_004_usage_events_become_one_meter_event_each(sqs, ledger, st
         await wait_for(lambda: acked._value.get() == 4, timeout=20, what="4 acked")
     events = {e["identifier"]: e for e in stripe_double.meter_events}
     assert len(events) == 3
-    ai = events[f"msg_xyz789-{workspace}"]
+
+    def sent(event_type: str, key: str) -> dict:
+        return events[meter_id({"workspace_id": workspace, "event_type": event_type, "idempotency_key": key})]
+
+    ai = sent("ai_credits", f"msg_xyz789-{workspace}")
     assert (ai["event_name"], ai["payload"]) == ("ai_credits", {"stripe_customer_id": "cus_workspace", "value": "25"})
-    wa = events[f"wa_msg_456-{workspace}"]
+    wa = sent("whatsapp_message", f"wa_msg_456-{workspace}")
     assert (wa["event_name"], wa["payload"]) == (
         "whatsapp_messages",
         {"stripe_customer_id": "cus_workspace", "value": "1"},
     )
-    assert events[f"wa_msg_457-{workspace}"]["payload"]["stripe_customer_id"] == "cus_explicit"
+    assert sent("whatsapp_message", f"wa_msg_457-{workspace}")["payload"]["stripe_customer_id"] == "cus_explicit"
+    paths = [r.path for r in stripe_double.requests]
+    assert paths[0] == "/v1/billing/meters"  # the meters are known before anything is sent
     if meter_api == "v1":  # one call each, its Idempotency-Key derived from the identifier
-        keys = {r.headers["Idempotency-Key"] for r in stripe_double.requests}
+        keys = {r.headers["Idempotency-Key"] for r in stripe_double.requests if r.method == "POST"}
         assert keys == {f"billingd-meter-{identifier}" for identifier in events}
     else:  # one session, then stream requests carrying every event
-        paths = [r.path for r in stripe_double.requests]
+        paths = paths[1:]
         assert paths[0] == "/v2/billing/meter_event_session"
         assert set(paths[1:]) == {"/v2/billing/meter_event_stream"}
         assert sum(stripe_double.stream_requests) == 3
@@ -177,7 +183,10 @@ async def test_stripe_down_for_a_while_opens_the_breaker_pauses_and_meters_every
             await wait_for(lambda: acked._value.get() == 10, timeout=40, what="all acked after recovery")
             tg.cancel_scope.cancel()
         assert daemon.metrics.processed.labels(source["name"], "dead_letter")._value.get() == 0
-    assert sorted(e["identifier"] for e in stripe_double.meter_events) == sorted(keys)  # each exactly once
+    expected = [
+        meter_id({"workspace_id": workspace, "event_type": "whatsapp_message", "idempotency_key": k}) for k in keys
+    ]
+    assert sorted(e["identifier"] for e in stripe_double.meter_events) == sorted(expected)  # each exactly once
     assert (await ledger.counter(workspace, "whatsapp_message"))[0] == 10 * MICROS  # Redis step once each
     assert await sqs.depth(dlq) == 0
 
@@ -247,5 +256,6 @@ async def test_a_hanging_stripe_times_out_retries_and_meters_once_when_it_answer
         stripe_double.set_mode("ok")
         acked = daemon.metrics.processed.labels(source["name"], "ack")
         await wait_for(lambda: acked._value.get() == 1, timeout=30, what="metered after Stripe answers")
-    assert [e["identifier"] for e in stripe_double.meter_events] == [f"hang-{workspace}"]
+    hung = {"workspace_id": workspace, "event_type": "whatsapp_message", "idempotency_key": f"hang-{workspace}"}
+    assert [e["identifier"] for e in stripe_double.meter_events] == [meter_id(hung)]
     assert await sqs.depth(dlq) == 0

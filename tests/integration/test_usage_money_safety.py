@@ -12,7 +12,7 @@ from billingd.clients import Unguarded
 from billingd.clients.ledger import MICROS, UsageLedger
 from billingd.daemon.tools_cli import run_tool
 from tests.integration.test_usage import settings_for
-from tests.support import settings_tree, sqs_source, to_toml, unique, wait_for
+from tests.support import meter_id, settings_tree, sqs_source, to_toml, unique, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
@@ -107,4 +107,5 @@ async def test_a_dead_letter_replayed_twice_applies_its_redis_step_and_its_meter
     assert (await ledger.counter(workspace, "ai_credits"))[0] == 3 * MICROS  # once
     events = [e for e in stripe_double.meter_events if e["payload"]["stripe_customer_id"] == "cus_r"]
     assert len(events) == 1
-    assert events[0]["identifier"] == letter["MessageAttributes"]["original_message_id"]["StringValue"]
+    original = letter["MessageAttributes"]["original_message_id"]["StringValue"]
+    assert events[0]["identifier"] == meter_id({**event, "idempotency_key": original})  # the first message id

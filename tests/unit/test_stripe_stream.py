@@ -161,8 +161,10 @@ async def test_a_cancelled_leader_fails_its_followers_transiently_and_the_next_b
     assert fake.requests[-1][0] == ["next"]
 
 
-def stripe_error(status: int, message: str, headers: dict[str, str] | None = None) -> stripe.StripeError:
-    return stripe.InvalidRequestError(message, None, http_status=status, headers=headers)
+def stripe_error(
+    status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None
+) -> stripe.StripeError:
+    return stripe.InvalidRequestError(message, None, http_status=status, headers=headers, code=code)
 
 
 def test_classify_follows_stripes_contract():
@@ -174,6 +176,19 @@ def test_classify_follows_stripes_contract():
     assert type(classify(stripe_error(400, "Missing required param: event_name"))) is DownstreamRejected
     assert type(classify(stripe_error(503, "down"))) is DownstreamUnavailable
     assert type(classify(stripe_error(409, "idempotency key in use"))) is DownstreamUnavailable
+
+
+def test_a_configuration_answer_is_unavailability_that_is_never_an_attempt():
+    """Issue 24, item 5: a 404 for a URL Stripe (or a proxy) does not serve dead-lettered every
+    usage event; a missing object's 404 (`resource_missing`) is still the message's own."""
+    unserved = classify(stripe_error(404, "Unrecognized request URL (POST: /v2/billing/meter_event_session)."))
+    assert isinstance(unserved, DownstreamUnavailable) and not unserved.counts
+    assert "fix: [stripe].api_base / meter_events_base" in unserved.detail
+    missing = classify(stripe_error(404, "No such invoice: 'in_1'", code="resource_missing"))
+    assert type(missing) is DownstreamRejected
+    for status in (401, 403):
+        refused = classify(stripe_error(status, "Invalid API Key provided"))
+        assert isinstance(refused, DownstreamUnavailable) and not refused.counts and "api_key" in refused.detail
 
 
 @pytest.mark.anyio
@@ -236,6 +251,41 @@ def test_what_billingd_lets_through_the_stream_would_accept(value: Decimal, age:
     real = clock.time
     clock.time = lambda: float(NOW)  # type: ignore[assignment]
     try:
-        assert _invalid(event, event["payload"], None, None) is None
+        assert _invalid(event, event["payload"], None, {"m": {"id": "mtr_m", "status": "active"}}) is None
     finally:
         clock.time = real  # type: ignore[assignment]
+
+
+@pytest.mark.anyio
+async def test_each_caller_of_a_failed_batch_raises_its_own_copy_with_a_short_traceback():
+    """Issue 24, item 6: one exception object re-raised by every follower grew one traceback
+    with every raise (lines of 18 KB, 9.6 MB of log in 8 s)."""
+    import traceback
+
+    fake = FakeStripe()
+    fake.fail["e0"] = DownstreamUnavailable("stripe", "500: boom")
+    stream = stream_of(fake, linger=0.05)
+    caught: list[BaseException] = []
+
+    async def send(i: int) -> None:
+        try:
+            await stream.send({"identifier": f"e{i}"})
+        except DownstreamUnavailable as exc:
+            caught.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(send, i)
+    assert len(caught) == 50 and len({id(exc) for exc in caught}) == 50
+    assert all(isinstance(exc, DownstreamUnavailable) and exc.detail == "500: boom" for exc in caught)
+    longest = max(len("".join(traceback.format_exception(exc))) for exc in caught)
+    assert longest < 5000
+
+
+@pytest.mark.anyio
+async def test_a_session_that_expires_again_right_after_renewal_is_a_transient_failure():
+    fake = FakeStripe()
+    fake.expired = {"tok1", "tok2"}  # the renewed token is refused too
+    stream = stream_of(fake)
+    with pytest.raises(DownstreamUnavailable, match="expired again right after it was renewed"):
+        await stream.send({"identifier": "x"})

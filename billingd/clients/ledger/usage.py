@@ -13,9 +13,13 @@ Keys (hash tag = the subject: a seed-001 `userId` or a seed-004 `workspace_id`):
   (from its Stripe subscription, rolled forward by `interval` once it has passed); counters
   without an entitlement use it, else the UTC calendar month;
 * `billingd:customer:{subject}` — string: the subject's Stripe customer id;
-* `billingd:usage-event:{subject}:<idempotency key>` — hash recording that the Redis step of one
-  usage event is done (`applied`, the `period` it counted in, `at`: when), kept for `dedup_ttl`
-  seconds; the Stripe step is recorded by the once ledger (`billingd:once:{subject}:meter:<key>`).
+* `billingd:usage-event:{subject}:<idempotency key>` (seed 004) or
+  `billingd:ent-usage-event:{subject}:<length of the entitlement key>:<entitlement
+  key>:<idempotency key>` (seed 001, whose keys are unique per entitlement) — hash recording that
+  the Redis step of one usage event is done (`applied`, the `period` it counted in, `at`: when,
+  `scope`), kept for `dedup_ttl` seconds; the Stripe step is recorded by the once ledger
+  (`billingd:once:{subject}:meter:…`). A seed-001 record written before keys were scoped (no
+  `scope` field) still counts as done.
 
 Quantities are integer micro-units (1 unit = 1,000,000): amounts such as 2.5 AI credits stay exact.
 """
@@ -36,6 +40,10 @@ local idem, counter, ent, period = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, name, amount, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('HEXISTS', idem, 'applied') == 1 then
   local r = redis.call('HMGET', idem, 'period', 'at')
+  return {'duplicate', r[1] or '', r[2] or ''}
+end
+if KEYS[5] and redis.call('HEXISTS', KEYS[5], 'applied') == 1 and redis.call('HEXISTS', KEYS[5], 'scope') == 0 then
+  local r = redis.call('HMGET', KEYS[5], 'period', 'at')  -- written before seed-001 keys were scoped
   return {'duplicate', r[1] or '', r[2] or ''}
 end
 local start
@@ -76,7 +84,7 @@ if amount > LEDGER_MAX - current then return {'overflow', 'counter'} end
 if mode == 'consume' then redis.call('HINCRBY', ent, 'used', amount) end
 if current == 0 then redis.call('HSET', counter, name, 0, mark, start) end
 redis.call('HINCRBY', counter, name, amount)
-redis.call('HSET', idem, 'applied', 1, 'period', start, 'at', ARGV[4])
+redis.call('HSET', idem, 'applied', 1, 'period', start, 'at', ARGV[4], 'scope', ARGV[10])
 redis.call('EXPIRE', idem, tonumber(ARGV[9]))
 return {'applied', start, ARGV[4]}
 """.replace("LEDGER_MAX", str(LEDGER_MAX))
@@ -135,22 +143,26 @@ class UsageLedger(RedisLedger):
         now: int,
         dedup_ttl: int,
     ) -> UsageResult:
-        """The Redis step of one usage event, atomically and once per `idempotency_key`:
-        consume entitlement `name` of `subject` by `amount` micro-units (when `consume`), with
-        the lazy period reset of seed 001, and add `amount` to the subject's usage counter."""
-        keys = (
-            key("usage-event", idempotency_key, tag=subject),
+        """The Redis step of one usage event, atomically and once per idempotency key: consume
+        entitlement `name` of `subject` by `amount` micro-units (when `consume`, seed 001: the key
+        is unique per entitlement), with the lazy period reset of seed 001, and add `amount` to
+        the subject's usage counter (seed 004: the key is unique per subject)."""
+        keys = [
+            _scoped_event_key(subject, name, idempotency_key) if consume else _event_key(subject, idempotency_key),
             key("usage", tag=subject),
             key("ent", name, tag=subject),
             key("period", tag=subject),
-        )
+        ]
+        if consume:
+            keys.append(_event_key(subject, idempotency_key))  # a record of before keys were scoped
         default_start = calendar_month(now)[0]
         base = ["consume" if consume else "count", name, amount, now, default_start]
-        reply = await self.run(self._apply, keys, [*base, "", "", "", dedup_ttl])
+        scope = name if consume else ""
+        reply = await self.run(self._apply, keys, [*base, "", "", "", dedup_ttl, scope])
         if reply[0] == b"reset":  # a period has passed: compute the current one here (calendar math), then retry
             period, old_start = reply[1].decode(), reply[2].decode()
             start, end = period_containing(period, int(old_start), now)
-            reply = await self.run(self._apply, keys, [*base, start, end, old_start, dedup_ttl])
+            reply = await self.run(self._apply, keys, [*base, start, end, old_start, dedup_ttl, scope])
         status = Applied(reply[0].decode())
         if status is Applied.OVER_LIMIT:
             return UsageResult(status, used=int(reply[1]), limit=int(reply[2]))
@@ -194,9 +206,12 @@ class UsageLedger(RedisLedger):
         record = await self.hgetall(key("usage", tag=subject))
         return int(record.get(name, 0)), int(record.get(f"{name}.period", 0))
 
-    async def event(self, subject: str, idempotency_key: str) -> dict[str, str]:
-        """The idempotency record of one usage event (empty when none or expired)."""
-        return await self.hgetall(key("usage-event", idempotency_key, tag=subject))
+    async def event(self, subject: str, idempotency_key: str, entitlement: str | None = None) -> dict[str, str]:
+        """The idempotency record of one usage event (seed 001: of `entitlement`; empty when none
+        or expired)."""
+        if entitlement is not None:
+            return await self.hgetall(_scoped_event_key(subject, entitlement, idempotency_key))
+        return await self.hgetall(_event_key(subject, idempotency_key))
 
     async def set_customer(self, subject: str, customer_id: str) -> None:
         """Map `subject` (workspace or user) to its Stripe customer."""
@@ -209,6 +224,16 @@ class UsageLedger(RedisLedger):
     async def set_period(self, subject: str, start: int, end: int, interval: str = "month") -> None:
         """Set the subject's billing period (Unix seconds, end exclusive; rolled by `interval`)."""
         await self.run(_SET_PERIOD, (key("period", tag=subject),), (start, end, interval))
+
+
+def _event_key(subject: str, idempotency_key: str) -> str:
+    return key("usage-event", idempotency_key, tag=subject)
+
+
+def _scoped_event_key(subject: str, entitlement: str, idempotency_key: str) -> str:
+    """Seed 001's record key: the entitlement's length first, so no two (entitlement, key) pairs
+    share a key."""
+    return key("ent-usage-event", str(len(entitlement)), entitlement, idempotency_key, tag=subject)
 
 
 _SET_PERIOD = Script.of("redis.call('HSET', KEYS[1], 'start', ARGV[1], 'end', ARGV[2], 'interval', ARGV[3]) return 1")
