@@ -266,7 +266,8 @@ class AmqpSource:
                     body = decode_body(body, properties.content_encoding, text_transport=False)
                 except UndecodableBody as exc:
                     error = str(exc)
-            return Delivery(body, message_id, attempt, headers, message, None, error, again, derived)
+            identity = message_id if derived else f"{message_id}:{hashlib.sha256(message.body).hexdigest()[:16]}"
+            return Delivery(body, message_id, attempt, headers, message, None, error, again, derived, identity)
         except Exception as exc:  # noqa: BLE001 — an unreadable message is its own dead letter, never a crash
             reason = f"unreadable AMQP message: {exc!r}"[:500]
             return Delivery(message.body, message_id, 1, {}, message, None, reason, bool(message.redelivered), derived)

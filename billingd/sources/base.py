@@ -38,6 +38,8 @@ class Delivery:
     it is billingd's own copy of an earlier delivery (a retry copy, a replayed dead letter): a
     fresh publish is False. `derived_id` is True when `message_id` is a digest of the body (an
     AMQP message without a `message_id` property): it names a content, not a delivery.
+    `identity` names this message for its attempt count, the same for every copy of it (empty:
+    `message_id`): producers reuse message ids (Jasmin gives every receipt of one SMS its msgid).
     """
 
     body: bytes
@@ -49,6 +51,7 @@ class Delivery:
     error: str | None = None
     redelivered: bool = False
     derived_id: bool = False
+    identity: str = ""
 
 
 class Disposition(enum.Enum):

@@ -303,7 +303,7 @@ class SourceActor:
         """Set a redelivered message's attempt to billingd's own count (see `AttemptLedger`)."""
         assert self._attempts is not None
         try:
-            delivery.attempt = await self._attempts.counted(self.settings.name, delivery.message_id) + 1
+            delivery.attempt = await self._attempts.counted(self.settings.name, _identity(delivery)) + 1
         except DownstreamError:  # Redis is down: whatever happens next, it is not counted
             delivery.attempt = 1
 
@@ -315,7 +315,7 @@ class SourceActor:
         recorded = delivery.redelivered
         if ledger is not None and isinstance(outcome, Retry) and outcome.counted:
             try:
-                delivery.attempt = await ledger.count(name, delivery.message_id)
+                delivery.attempt = await ledger.count(name, _identity(delivery))
                 recorded = True
             except DownstreamError as exc:
                 outcome = Retry(f"{outcome.reason} (not counted: {exc})"[:1000], outcome.delay, counted=False)
@@ -323,7 +323,7 @@ class SourceActor:
         if ledger is not None and recorded and settlement.disposition is Disposition.DEAD_LETTER:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 try:
-                    await ledger.clear(name, delivery.message_id)
+                    await ledger.clear(name, _identity(delivery))
                 except DownstreamError:
                     pass  # kept until it expires: a replay then starts at the count it had
         return settlement
@@ -386,3 +386,8 @@ class SourceActor:
             await self.source.resume()
             self.status.paused_by = []
             self._log.info("intake resumed")
+
+
+def _identity(delivery: Delivery) -> str:
+    """The name of `delivery`'s attempt count: its transport's identity, else its message id."""
+    return delivery.identity or delivery.message_id

@@ -17,7 +17,7 @@ import pytest
 
 from billingd.daemon.app import DUPLICATE_SIGNAL_WINDOW
 from billingd.daemon.exits import EXIT_FORCED
-from tests.support import amqp_source, http_ready, make_settings, settings_tree, to_toml, unique, wait_for
+from tests.support import amqp_source, http_ready, make_settings, scrape, settings_tree, to_toml, unique, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -133,7 +133,13 @@ async def _ready_with_messages_in_flight(process, lines, port, amqp, source, str
             "stripe_customer_id": f"cus_ctrl_c{i}",  # v1: one call in flight per customer and meter
         }
         await amqp.publish(source["exchange"], "usage", body, message_id=f"{workspace}-{i}")
-    await wait_for(lambda: len(stripe_double.requests) >= IN_FLIGHT, timeout=20, what="meter events in flight")
+    await wait_for(lambda: _in_flight(port, source), timeout=20, what="meter events in flight")
+
+
+async def _in_flight(port: int, source: dict) -> bool:
+    """Whether `IN_FLIGHT` handlers wait on Stripe (on the meter catalogue, or their meter events)."""
+    sample = ("billingd_messages_in_flight", (("source", source["name"]),))
+    return (await scrape(port)).get(sample, 0) >= IN_FLIGHT
 
 
 def _read_json_lines(process: subprocess.Popen, lines: list[dict]) -> None:
