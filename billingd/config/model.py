@@ -144,6 +144,11 @@ class StripeSettings(_Section, frozen=True):
     own `api_base`, else `api_base` (a proxy or a double serving both)."""
     webhook_secret: str = ""
     webhook_tolerance: Duration = Duration(300)
+    """The most time between Stripe signing a relayed webhook and the relay receiving it (the
+    envelope's `received_at`): Stripe's own tolerance against replays at receipt."""
+    webhook_max_age: Duration = Duration(30 * 86400)
+    """The oldest signature accepted when the envelope carries no `received_at`: at least the
+    queue's and its dead-letter queue's retention (`billingd check` compares them)."""
     timeout: Duration = Duration(10)
     meters: dict[str, str] = field(default_factory=dict)
     meter_api: Literal["stream", "v1"] = "stream"

@@ -99,6 +99,13 @@ async def broker_warnings(
                 f"but handler_options.{name} is {days:g} days: raise it to at least {waits / 86400:g}d, or a "
                 "replay after that may apply an event twice"
             )
+        max_age = float(settings.stripe.webhook_max_age)
+        if source.handler in ("stripe_events", "webhook_forward") and waits > max_age:
+            warnings.append(
+                f"  {source.name}: a message can wait {waits / 86400:g} days but [stripe].webhook_max_age is "
+                f"{max_age / 86400:g} days: a relayed webhook without received_at that waited longer is dead-lettered; "
+                f"raise it to at least {waits / 86400:g}d"
+            )
 
     with anyio.move_on_after(within) as scope:
         async with anyio.create_task_group() as tg:

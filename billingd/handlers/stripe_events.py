@@ -50,7 +50,7 @@ from billingd.handlers.stripe_objects import (
     subscription_period,
     subscription_products,
 )
-from billingd.handlers.webhooks import Envelope, verify_relayed
+from billingd.handlers.webhooks import Envelope, WebhookAge, verify_relayed
 from billingd.telemetry import SourceCounter
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class StripeEventsHandler:
         self._once = once
         self._stripe = stripe_gateway
         self._secret = settings.webhook_secret
-        self._tolerance = int(settings.webhook_tolerance)
+        self._age = WebhookAge(float(settings.webhook_tolerance), float(settings.webhook_max_age))
         self._options = options
         self._ignored = ignored
         self._meter_errors = meter_errors_counter
@@ -138,7 +138,7 @@ class StripeEventsHandler:
         """
         envelope = self._envelope.decode(body)
         if envelope.headers is not None and envelope.body is not None:
-            verify_relayed(envelope, self._secret, self._tolerance)
+            verify_relayed(envelope, self._secret, self._age)
             return envelope.body.encode()
         if envelope.detail:
             return bytes(envelope.detail)

@@ -29,7 +29,7 @@ from billingd.clients.ledger import OnceLedger
 from billingd.config.durations import Duration
 from billingd.handlers.base import HandlerContext, HandlerSpec, Message
 from billingd.handlers.outcome import ACK, InvalidMessage, Outcome
-from billingd.handlers.webhooks import Envelope, verify_relayed
+from billingd.handlers.webhooks import Envelope, WebhookAge, verify_relayed
 
 #: Headers that describe the original hop, not the event: never forwarded.
 HOP_HEADERS = frozenset({"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"})
@@ -65,13 +65,13 @@ class WebhookForwardHandler:
         forwarder: HttpForwarder,
         options: ForwardOptions,
         secret: str = "",
-        tolerance: int = 300,
+        age: WebhookAge | None = None,
         skipped: Any = None,
     ) -> None:
         self._once = once
         self._forwarder = forwarder
         self._options = options
-        self._secret, self._tolerance = secret, tolerance
+        self._secret, self._age = secret, age or WebhookAge()
         self._allowed = frozenset(options.event_types)
         self._skipped = skipped
         self._skipped_types: set[str] = set()
@@ -87,7 +87,7 @@ class WebhookForwardHandler:
                 envelope = msgspec.json.decode(message.body, type=Envelope)
             except (*_UNREADABLE, msgspec.ValidationError):
                 raise InvalidMessage("not a relayed Stripe webhook: the body is not a JSON envelope") from None
-            verify_relayed(envelope, self._secret, self._tolerance)
+            verify_relayed(envelope, self._secret, self._age)
         body, headers = self.request(message.body)
         event = _event(body)
         if self._allowed and event.type not in self._allowed:
@@ -145,7 +145,7 @@ def _build(ctx: HandlerContext, options: ForwardOptions) -> WebhookForwardHandle
         ctx.clients.forwarder(ctx.source.name, options.timeout),
         options,
         stripe.webhook_secret,
-        int(stripe.webhook_tolerance),
+        WebhookAge(float(stripe.webhook_tolerance), float(stripe.webhook_max_age)),
         skipped,
     )
 

@@ -216,3 +216,31 @@ async def test_check_lists_stripes_meters_and_refuses_a_map_to_a_missing_one(str
     assert "stripe.meters.email_send: Stripe has meter" in result.stderr and "is inactive" in result.stderr
     assert "stripe.meters.sms: Stripe has no meter with event_name 'sms_segments'" in result.stderr
     assert "stripe.meters.ai_credits" not in result.stderr
+
+
+async def test_a_ten_minute_backlog_of_relayed_webhooks_is_applied(sqs, stripe_double, redis, tmp_path):
+    """Item 8. Before: every relayed Stripe webhook older than 5 minutes when billingd reached it
+    (a backlog, a paused source, a retry, a DLQ replay) was dead-lettered, and never could pass."""
+    import time
+
+    from billingd.clients import Unguarded
+    from billingd.clients.ledger.subscriptions import SubscriptionLedger
+    from tests.signing import stripe_event, stripe_relay
+
+    url, dlq = await sqs.queue()
+    source = sqs_source("stripe_events", url, dlq, sqs.endpoint)
+    signed = int(time.time()) - 600
+    workspaces = [unique("ws") for _ in range(6)]
+    for n, workspace in enumerate(workspaces):
+        customer = {"id": f"cus_{workspace}", "object": "customer", "metadata": {"workspace_id": workspace}}
+        relay = stripe_relay(stripe_event("customer.updated", customer, signed + n), SECRETS["STRIPE_WEBHOOK_SECRET"],
+                             timestamp=signed)  # fmt: skip
+        await sqs.send(url, relay)
+    settings = make_settings([source], stripe={**STRIPE, "api_base": stripe_double.url})
+    async with Process(tmp_path, settings) as billingd:
+        await wait_for(lambda: _at_least(billingd.processed(source["name"], "ack"), 6), timeout=60, what="applied")
+        dead = await billingd.processed(source["name"], "dead_letter")
+    assert dead == 0 and await sqs.depth(dlq) == 0
+    subscriptions = SubscriptionLedger(redis, Unguarded("redis"))
+    for workspace in workspaces:
+        assert await subscriptions.subject_of(f"cus_{workspace}") == workspace

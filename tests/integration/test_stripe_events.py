@@ -145,10 +145,13 @@ async def test_renewal_resets_counters_of_the_new_period_and_features_are_replac
     assert await usage.counter(workspace, "whatsapp_message") == (2 * MICROS, new_start)
 
 
-async def test_signed_relays_and_eventbridge_envelopes_apply_and_forged_or_stale_ones_are_dead_lettered(
+async def test_signed_relays_and_eventbridge_envelopes_apply_and_forged_or_replayed_ones_are_dead_lettered(
     sqs, stripe_double, subs
 ):
-    good, forged, stale, bridged = (unique("ws") for _ in range(4))
+    """Issue 24, item 8: a valid relay that waited an hour on the queue (retried, backlogged,
+    replayed) is applied — before, it was dead-lettered 5 minutes after signing and no replay
+    could ever pass. What the 5 minutes still bound is signing → the relay's receipt."""
+    good, forged, late, replayed, ancient, bridged = (unique("ws") for _ in range(6))
 
     def customer_event(workspace: str, n: int) -> dict:
         return stripe_event(
@@ -157,14 +160,19 @@ async def test_signed_relays_and_eventbridge_envelopes_apply_and_forged_or_stale
             n,
         )
 
+    now = int(time.time())
     forged_relay = stripe_relay(customer_event(forged, 2), "whsec_not_ours")
-    stale_relay = stripe_relay(customer_event(stale, 3), SECRET, timestamp=int(time.time()) - 3600)
+    late_relay = stripe_relay(customer_event(late, 3), SECRET, timestamp=now - 3600)  # an hour on the queue
+    replayed_relay = {**stripe_relay(customer_event(replayed, 6), SECRET, timestamp=now - 3600), "received_at": now}
+    ancient_relay = stripe_relay(customer_event(ancient, 7), SECRET, timestamp=now - 40 * 86400)
     tampered = stripe_relay(customer_event(good, 4), SECRET)
     tampered["body"] = tampered["body"].replace(good, forged)
     events = [
-        stripe_relay(customer_event(good, 1), SECRET),
+        {**stripe_relay(customer_event(good, 1), SECRET), "received_at": now},
         forged_relay,
-        stale_relay,
+        late_relay,
+        replayed_relay,
+        ancient_relay,
         tampered,
         {
             "version": "0",
@@ -173,15 +181,16 @@ async def test_signed_relays_and_eventbridge_envelopes_apply_and_forged_or_stale
             "detail": customer_event(bridged, 5),
         },
     ]
-    _, dlq, _ = await deliver(sqs, stripe_double, events, expect_ack=2, expect_dead=3)
-    assert await subs.subject_of(f"cus_{good}") == good
-    assert await subs.subject_of(f"cus_{bridged}") == bridged
-    assert await subs.subject_of(f"cus_{forged}") is None
-    assert await subs.subject_of(f"cus_{stale}") is None
-    reasons = [m["MessageAttributes"]["reason"]["StringValue"] for m in await sqs.take(dlq)]
-    assert len(reasons) == 3
-    assert all(r.startswith("Stripe-Signature verification failed") for r in reasons)
-    assert any("Timestamp outside the tolerance zone" in r for r in reasons)
+    _, dlq, _ = await deliver(sqs, stripe_double, events, expect_ack=3, expect_dead=4)
+    for applied in (good, late, bridged):
+        assert await subs.subject_of(f"cus_{applied}") == applied
+    for refused in (forged, replayed, ancient):
+        assert await subs.subject_of(f"cus_{refused}") is None
+    reasons = sorted(m["MessageAttributes"]["reason"]["StringValue"] for m in await sqs.take(dlq))
+    assert len(reasons) == 4
+    assert sum(r.startswith("Stripe-Signature verification failed") for r in reasons) == 2  # forged, tampered
+    assert any("the relay received this webhook 3600 s after Stripe signed it" in r for r in reasons)
+    assert any("40.0 days old, more than [stripe].webhook_max_age (30 days)" in r for r in reasons)
 
 
 async def test_a_customer_without_a_workspace_is_dead_lettered_with_the_fix(sqs, stripe_double):
