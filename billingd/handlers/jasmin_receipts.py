@@ -65,26 +65,35 @@ class NativeReceipts:
         self._retention = retention
         self._warned = False
 
-    async def apply(self, receipt: Receipt, attempt: int, cdr_status: Any) -> Outcome:
-        """Apply one receipt; `cdr_status` maps a delivery state onto a CDR status (or raises)."""
+    async def apply(
+        self, receipt: Receipt, attempt: int, cdr_status: Any, copy: tuple[str, bool] = ("", False)
+    ) -> Outcome:
+        """Apply one receipt; `cdr_status` maps a delivery state onto a CDR status (or raises);
+        `copy` is `(copy id, redelivered)` of the message (see `JasminLedger.submit_result`)."""
         if isinstance(receipt, SubmitReceipt):
-            return await self._submit_result(receipt.msgid, receipt.status, receipt.smpp_msgid, "attempts", attempt)
+            return await self._submit_result(
+                receipt.msgid, receipt.status, receipt.smpp_msgid, "attempts", attempt, copy
+            )
         if isinstance(receipt, DeliverReceipt):
             msgid = await self._submits.msgid_for(receipt.smpp_msgid)
             if msgid is None:
                 return self._unmappable(receipt.smpp_msgid, attempt)
             return await self._delivery(msgid, receipt.state, receipt.smpp_msgid, receipt.details, cdr_status, attempt)
         if receipt.status.startswith("ESME_"):
-            return await self._submit_result(receipt.msgid, receipt.status, "", "thrower_attempts", attempt)
+            return await self._submit_result(receipt.msgid, receipt.status, "", "thrower_attempts", attempt, copy)
         return await self._delivery(receipt.msgid, receipt.status, "", receipt.details, cdr_status, attempt)
 
-    async def _submit_result(self, msgid: str, status: str, smpp: str, counter: str, attempt: int) -> Outcome:
+    async def _submit_result(
+        self, msgid: str, status: str, smpp: str, counter: str, attempt: int, copy: tuple[str, bool]
+    ) -> Outcome:
         if status == "ESME_ROK" and smpp:
             await self._submits.map_smpp(smpp, msgid, self._retention)
         final_after = self._retrial.get(status, 0)
+        copy_id, redelivered = copy
         outcome, detail = await self._submits.submit_result(
-            msgid, status, final_after=final_after, smpp_msgid=smpp, counter=counter, retention=self._retention
-        )
+            msgid, status, final_after=final_after, smpp_msgid=smpp, counter=counter, retention=self._retention,
+            copy_id=copy_id, redelivered=redelivered,
+        )  # fmt: skip
         if outcome is SubmitOutcome.CONFLICT:
             return DeadLetter(
                 f"Jasmin reports submission {msgid} ESME_ROK after billingd counted it as finally failed "

@@ -14,6 +14,7 @@ Two formats, chosen by `handler_options.format` (`auto` looks at the headers):
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import msgspec
@@ -106,7 +107,8 @@ class SmsDlrHandler:
             self._format == "jasmin" or (self._format == "auto" and jasmin.is_receipt(message.attributes))
         ):
             receipt = jasmin.receipt(message.message_id, message.body, message.attributes)
-            return await self._native.apply(receipt, message.attempt, cdr_status)
+            copy_id = hashlib.sha256(message.body + repr(receipt).encode()).hexdigest()[:16]
+            return await self._native.apply(receipt, message.attempt, cdr_status, (copy_id, message.redelivered))
         dlr = self._decoder.decode(message.body)
         await self._ledger.record_dlr(
             dlr.message_id,

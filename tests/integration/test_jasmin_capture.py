@@ -297,3 +297,36 @@ async def test_dlr_thrower_receipts_alone_keep_cdrs_too(amqp, redis):
     for msgid, status in expected.items():
         assert (await sms.cdr(msgid))["status"] == status, msgid
     assert set(expected.values()) >= {"delivered", "failed", "submitted", "retrying"}
+
+
+async def test_a_redelivered_submit_error_receipt_is_not_a_second_attempt(amqp, redis):
+    """Issue 24, item 10. A throttled submission (`submit_error_retrial` 2): its receipt comes back
+    once more (billingd's retry copy of it), then Jasmin's own next attempt succeeds. Before: the
+    copy counted as the second attempt — the early share was refunded while Jasmin still retried,
+    and its `ESME_ROK` was dead-lettered as a conflict."""
+    import dataclasses
+
+    messages = load()
+    msgid = next(
+        m.message_id for m in messages if m.routing_key == "dlr.submit_sm_resp" and m.body == b"ESME_RTHROTTLED"
+    )
+    submit = next(m for m in messages if m.routing_key.startswith("submit.sm.") and m.message_id == msgid)
+    throttled = next(m for m in messages if m.routing_key == "dlr.submit_sm_resp" and m.message_id == msgid)
+    copy = dataclasses.replace(throttled, headers={**throttled.headers, "x-billingd-attempts": ("I", 1)})
+    ok = dataclasses.replace(throttled, body=b"ESME_ROK", headers={**throttled.headers, "smpp_msgid": ("S", "SMSC-1")})
+    billing, messaging = unique("jasmin-billing"), unique("jasmin-messaging")
+    amqp._exchanges += [billing, messaging]
+    sources = _sources(amqp, billing, messaging)
+    sms = SmsLedger(redis, Unguarded("redis"))
+    exchanges = {"billing": billing, "messaging": messaging}
+    async with running(make_settings(sources)) as daemon:
+        dlr_acked = daemon.metrics.processed.labels(sources[2]["name"], "ack")
+        await _publish([submit, throttled, copy], exchanges)
+        await wait_for(lambda: dlr_acked._value.get() == 2, what="the receipt and its copy")
+        assert (await sms.cdr(msgid))["status"] == "retrying"  # one attempt: Jasmin retries
+        assert await sms.refunds_micros("billuser01") == 0
+        await _publish([ok], exchanges)
+        await wait_for(lambda: dlr_acked._value.get() == 3, what="the successful attempt")
+        assert daemon.metrics.processed.labels(sources[2]["name"], "dead_letter")._value.get() == 0
+    assert (await sms.cdr(msgid))["status"] == "submitted"
+    assert await sms.refunds_micros("billuser01") == 0

@@ -9,7 +9,8 @@ Keys (each script touches one hash slot):
   `smpp_msgid` header of an `ESME_ROK` `dlr.submit_sm_resp` (a `dlr.deliver_sm` names only the
   SMSC's id);
 * the CDR `billingd:cdr:{msgid}` (see `sms.py`) gains `attempts` (error receipts of `dlr.submit_sm_resp`)
-  and `thrower_attempts` (the same from `dlr_thrower.*`): Jasmin retries some submit errors
+  and `thrower_attempts` (the same from `dlr_thrower.*`), and `seen:<counter>:<copy id>` per
+  receipt counted (a redelivered copy of it is not counted again): Jasmin retries some submit errors
   (`submit_error_retrial`), publishing a receipt per attempt; an error is final once its attempts
   reach the retrial count, and only then is the CDR `failed` — a throttled attempt followed by
   `ESME_ROK` ends `submitted`.
@@ -33,7 +34,7 @@ return 1
 """)
 
 # ARGV: jasmin status, ok (1/0), final_after (0 = final at once), smpp_msgid, now_ms, attempts field,
-# retention seconds (0: kept)
+# retention seconds (0: kept), the receipt's copy id, redelivered (1/0)
 _SUBMIT_RESULT = Script.of(
     """
 local rank = tonumber(redis.call('HGET', KEYS[1], 'rank') or '-1')
@@ -52,7 +53,16 @@ local function result()
     if failed_by_submit then return {'conflict', redis.call('HGET', KEYS[1], 'attempts') or '0'} end
     return {'stale', redis.call('HGET', KEYS[1], 'status')}
   end
+  local seen = 'seen:' .. ARGV[6] .. ':' .. ARGV[8]
+  if ARGV[9] == '1' and redis.call('HEXISTS', KEYS[1], seen) == 1 then
+    -- a copy of a receipt already counted (the broker's redelivery, billingd's retry): not an attempt
+    local attempts = redis.call('HGET', KEYS[1], ARGV[6]) or '0'
+    if failed_by_submit then return {'final', attempts} end
+    if rank >= SUBMITTED then return {'stale', redis.call('HGET', KEYS[1], 'status')} end
+    return {'retrying', attempts}
+  end
   local attempts = redis.call('HINCRBY', KEYS[1], ARGV[6], 1)
+  redis.call('HINCRBY', KEYS[1], seen, 1)
   if failed_by_submit then return {'final', tostring(attempts)} end
   if rank >= SUBMITTED then return {'stale', redis.call('HGET', KEYS[1], 'status')} end
   local after = tonumber(ARGV[3])
@@ -130,6 +140,8 @@ class JasminLedger(RedisLedger):
         smpp_msgid: str = "",
         counter: str = "attempts",
         retention: int = 0,
+        copy_id: str = "",
+        redelivered: bool = False,
     ) -> tuple[SubmitOutcome, str]:
         """Apply one submit attempt's result to the CDR of `msgid`.
 
@@ -139,9 +151,13 @@ class JasminLedger(RedisLedger):
         `final_after`, the CDR is `failed` (`FINAL` — also for any later error receipt of a
         submission that failed, so that a refund interrupted by a crash is completed), else
         `retrying`. Returns the outcome and the CDR status (`STALE`) or attempts (the others).
+
+        `copy_id` names the receipt's content; a `redelivered` copy of a receipt already counted
+        (the broker redelivered it, or billingd retried it) is not counted again: only Jasmin's
+        own next attempt, a new publish, is.
         """
         ok = "1" if status == "ESME_ROK" else "0"
         now = int(time.time() * 1000)
-        args = (status, ok, final_after, smpp_msgid, now, counter, retention)
+        args = (status, ok, final_after, smpp_msgid, now, counter, retention, copy_id, "1" if redelivered else "0")
         reply = await self.run(_SUBMIT_RESULT, (key("cdr", tag=msgid),), args)
         return SubmitOutcome(reply[0].decode()), (reply[1] or b"").decode()
