@@ -6,11 +6,16 @@ from outside by the effects it leaves.
 
 Services: RabbitMQ (the machine's), a private `redis-server` (so it can be stopped), a private
 fauxqs (SQS emulator, installed from npm on first use) and the Stripe double. billingd runs as
-replicas on three sources: `sms_billing` and `sms_dlr` on AMQP, `usage` (with a Stripe meter) on
-SQS. While valid events (with duplicates) and fuzzed messages from `tests.hostile` flow on both
-transports, the chaos task kills billingd's broker connections, SIGTERMs and SIGKILLs replicas
-(restarting them), stops Redis for a while and makes Stripe answer 500/429. At the end the
-queues must drain; then the suite compares Redis and the Stripe double with what was sent.
+replicas on five sources: `sms_billing` and `sms_dlr` on AMQP; `usage` (with a Stripe meter),
+`payment_events` and `stripe_events` on SQS. While valid events (with duplicates) and fuzzed
+messages from `tests.hostile` flow on both transports, the chaos task kills billingd's broker
+connections, SIGTERMs and SIGKILLs replicas (restarting them), stops Redis for a while, makes
+Redis refuse writes with `MISCONF` (a snapshot that cannot be written), makes Stripe answer
+500/429 and stop serving the meter event stream (404). The money edges ride along: tenants share
+idempotency keys (every workspace sends `u-0`, `u-1`, …), payments are sent twice (during the
+storms too), and the relayed Stripe webhooks were signed 10 minutes before they are sent. At the
+end the queues must drain; then the suite compares Redis and the Stripe double with what was
+sent: every invoice paid once, no "needs a refund", every webhook applied.
 
 Prints one line of figures and exits 1 if any of lost, doubled, wrongly dead-lettered, crashes,
 escalations, slow drains or unclean exit codes is non-zero, or the sentinel sent after the fuzz
@@ -46,6 +51,7 @@ from billingd.daemon.app import STOP_GRACE
 from tests.doubles.stripe import StripeDouble
 from tests.hostile import amqp_messages, publish_raw, sqs_messages
 from tests.seed002 import bill_event, dlr
+from tests.signing import razorpay_relay, stripe_event, stripe_relay
 from tests.support import AMQP_URL, RedisServer, free_port, to_toml, unique
 
 #: The meter identifier of the sentinel usage event (the last one sent).
@@ -70,10 +76,16 @@ class Plan:
     redis_outage: float
     stripe_storms: int
     duration: float  # seconds over which load and faults are spread
+    payments: int = 0  # invoices paid by payment_events (a fifth of them sent twice)
+    webhooks: int = 0  # relayed Stripe webhooks, signed 10 minutes before they are sent
+    stream_404s: int = 0  # episodes of a Stripe that does not serve the meter event stream
+    misconf: float = 0.0  # seconds Redis refuses writes with MISCONF
 
 
-FULL = Plan(3, 10_000, 14_000, 6_000, 10, 10, 3, 30.0, 2, 150.0)
-QUICK = Plan(2, 300, 700, 300, 1, 2, 1, 5.0, 1, 25.0)
+FULL = Plan(3, 10_000, 14_000, 6_000, 10, 10, 3, 30.0, 2, 150.0, 300, 300, 2, 10.0)
+QUICK = Plan(2, 300, 700, 300, 1, 2, 1, 5.0, 1, 25.0, 20, 20, 1, 3.0)
+#: The secrets the replicas get from the environment (the Stripe double and the relays use them).
+WEBHOOK_SECRET, RAZORPAY_SECRET = "whsec_faults", "rzp_faults"
 
 
 @dataclass
@@ -89,6 +101,8 @@ class Expected:
     valid_sqs_ids: set[str] = field(default_factory=set)
     fuzz_amqp_ids: set[str] = field(default_factory=set)
     fuzz_sqs_ids: set[str] = field(default_factory=set)
+    invoices: set[str] = field(default_factory=set)
+    customers: dict[str, str] = field(default_factory=dict)  # customer → workspace (relayed webhooks)
 
 
 @dataclass
@@ -100,6 +114,8 @@ class Figures:
     sigkills: int = 0
     redis_down: float = 0.0
     storms: int = 0
+    stream_404s: int = 0
+    misconf: float = 0.0
 
 
 class Suite:
@@ -109,7 +125,7 @@ class Suite:
         self.plan = plan
         self.workdir = workdir
         self.rng = random.Random(8)
-        self.redis_server = RedisServer(str(workdir))
+        self.redis_server = RedisServer(str(workdir), "--enable-protected-configs", "yes")
         self.sqs = Fauxqs()
         self.stripe = StripeDouble()
         self.expected = Expected()
@@ -117,6 +133,7 @@ class Suite:
         self.bills_exchange, self.bills_queue = unique("faults-billing"), unique("faults.bills")
         self.dlr_exchange, self.dlr_queue = unique("faults-messaging"), unique("faults.dlr")
         self.usage_queue = unique("faults-usage")
+        self.payments_queue, self.webhooks_queue = unique("faults-payments"), unique("faults-webhooks")
         self.replicas: list[Replica] = []
 
     # -- set-up --------------------------------------------------------------------------
@@ -130,9 +147,15 @@ class Suite:
             "redis": {"url": self.redis_server.url, "timeout": "1s"},
             "stripe": {
                 "api_key": "${STRIPE_SECRET_KEY}",
+                "webhook_secret": "${STRIPE_WEBHOOK_SECRET}",
                 "api_base": self.stripe.url,
                 "timeout": "2s",
                 "meters": {"ai_credits": "ai_credits"},
+            },
+            "razorpay": {
+                "key_id": "rzp_faults",
+                "key_secret": "${RAZORPAY_KEY_SECRET}",
+                "webhook_secret": "${RAZORPAY_WEBHOOK_SECRET}",
             },
             "breakers": {"default": {"failure_threshold": 3, "reset_timeout": "500ms", "reset_timeout_max": "2s"}},
             "sources": [
@@ -165,19 +188,42 @@ class Suite:
                     "retry_initial": "1s",
                     "retry_max": "2s",
                 },
+                self._sqs_source("payments", "payment_events"),
+                self._sqs_source("webhooks", "stripe_events"),
             ],
         }
         return to_toml(tree)
+
+    def _sqs_source(self, name: str, handler: str) -> dict[str, Any]:
+        queue = self.payments_queue if name == "payments" else self.webhooks_queue
+        return {
+            "type": "sqs",
+            "name": name,
+            "handler": handler,
+            "prefetch": 10,
+            "max_attempts": 3,
+            "queue_url": self.sqs.queue_url(queue),
+            "dead_letter_queue_url": self.sqs.queue_url(queue + "-dlq"),
+            "endpoint_url": self.sqs.endpoint,
+            "wait_time": "1s",
+            "visibility_timeout": "30s",
+            "retry_initial": "1s",
+            "retry_max": "2s",
+        }
 
     async def set_up(self, stack: Any) -> None:
         await self.redis_server.start()
         await self.sqs.start()
         await stack.enter_async_context(self.stripe.running())
         async with self._sqs_client() as client:
-            for name in (self.usage_queue + "-dlq", self.usage_queue):
-                await client.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "30"})
+            for queue in (self.usage_queue, self.payments_queue, self.webhooks_queue):
+                for name in (queue + "-dlq", queue):
+                    await client.create_queue(QueueName=name, Attributes={"VisibilityTimeout": "30"})
         env = {
             "STRIPE_SECRET_KEY": "sk_test_faults",
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "RAZORPAY_KEY_SECRET": "s",
+            "RAZORPAY_WEBHOOK_SECRET": RAZORPAY_SECRET,
             "AWS_ACCESS_KEY_ID": "test",
             "AWS_SECRET_ACCESS_KEY": "test",
             "AWS_DEFAULT_REGION": "us-east-1",
@@ -226,7 +272,7 @@ class Suite:
     def _valid_usage(self, n: int) -> list[str]:
         workspace = f"ws-{n % 40}"
         value = self.rng.randint(1, 5)
-        idempotency = f"usage-{n}"
+        idempotency = f"u-{n // 40}"  # unique within the workspace; every workspace uses the same keys
         self.expected.usage[workspace] += value * 1_000_000
         self.expected.meters[meter_identifier(workspace, "ai_credits", idempotency)] = value
         body = msgspec.json.encode(
@@ -245,6 +291,43 @@ class Suite:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._amqp_load, rounds)
             tg.start_soon(self._sqs_load, rounds)
+            tg.start_soon(self._money_load)
+
+    async def _money_load(self) -> None:
+        """Payments (a fifth sent twice, spread over the run: some meet the storms) and relayed
+        webhooks signed 10 minutes ago."""
+        payments: list[str] = []
+        for n in range(self.plan.payments):
+            invoice = f"in_faults_{n}"
+            self.stripe.invoice(invoice, 1000 + n, "inr")
+            self.expected.invoices.add(invoice)
+            if n % 2:
+                capture = {"event": "payment.captured", "payload": {"payment": {"entity": {
+                    "id": f"pay_f{n}", "amount": 1000 + n, "currency": "INR",
+                    "notes": {"stripe_invoice_id": invoice}}}}}  # fmt: skip
+                body = msgspec.json.encode(razorpay_relay(capture, RAZORPAY_SECRET, f"evt_rzp_f{n}")).decode()
+            else:
+                body = msgspec.json.encode({"gateway": "manual", "stripe_invoice_id": invoice, "reference": f"UTR{n}",
+                                            "amount": 1000 + n, "currency": "inr"}).decode()  # fmt: skip
+            payments += [body] * (2 if n % 5 == 0 else 1)
+        signed = int(time.time()) - 600
+        webhooks = []
+        for n in range(self.plan.webhooks):
+            customer, workspace = f"cus_faults_{n}", f"ws-hook-{n}"
+            self.expected.customers[customer] = workspace
+            obj = {"id": customer, "object": "customer", "metadata": {"workspace_id": workspace}}
+            relay = stripe_relay(stripe_event("customer.updated", obj, signed, f"evt_f{n}"), WEBHOOK_SECRET, signed)
+            webhooks.append(msgspec.json.encode(relay).decode())
+        pause = self.plan.duration * 0.8 / 10
+        async with self._sqs_client() as client:
+            for r in range(10):
+                for queue, bodies in ((self.payments_queue, payments), (self.webhooks_queue, webhooks)):
+                    share = bodies[r * len(bodies) // 10 : (r + 1) * len(bodies) // 10]
+                    for start in range(0, len(share), 10):
+                        entries = [{"Id": str(i), "MessageBody": b} for i, b in enumerate(share[start : start + 10])]
+                        response = await client.send_message_batch(QueueUrl=self.sqs.queue_url(queue), Entries=entries)
+                        self.expected.valid_sqs_ids.update(x["MessageId"] for x in response.get("Successful", []))
+                await anyio.sleep(pause)
 
     async def _amqp_load(self, rounds: int) -> None:
         plan = self.plan
@@ -331,10 +414,13 @@ class Suite:
             ("sigterm", plan.sigterms),
             ("sigkill", plan.sigkills),
             ("storm", plan.stripe_storms),
+            ("stream_404", plan.stream_404s),
         ):
             events += [(self.rng.uniform(0.05, 1) * span, kind) for _ in range(count)]
         if plan.redis_outage:
             events.append((span * 0.4, "redis"))
+        if plan.misconf:
+            events.append((span * 0.7, "misconf"))
         events.sort()
         started = anyio.current_time()
         async with anyio.create_task_group() as tg:
@@ -347,6 +433,10 @@ class Suite:
                     await self._restart(replica, kind)
                 elif kind == "storm":
                     tg.start_soon(self._storm)
+                elif kind == "stream_404":
+                    tg.start_soon(self._stream_404)
+                elif kind == "misconf":
+                    tg.start_soon(self._misconf)
                 else:
                     tg.start_soon(self._redis_outage)
 
@@ -366,6 +456,34 @@ class Suite:
         self.stripe.set_mode("ok")
         self.figures.storms += 1
 
+    async def _stream_404(self) -> None:
+        """Stripe (a proxy, a mock) stops serving the v2 meter event stream for a while."""
+        self.stripe.unserved = ("/v2/billing/meter_event",)
+        await anyio.sleep(min(10.0, self.plan.duration / 10))
+        self.stripe.unserved = ()
+        self.figures.stream_404s += 1
+
+    async def _misconf(self) -> None:
+        """Redis cannot write its snapshot (its file name is a directory) and refuses every write
+        with MISCONF; then the snapshot is written again."""
+        redis = aioredis.Redis.from_url(self.redis_server.url)
+        try:
+            (self.workdir / "blocked.rdb").mkdir(exist_ok=True)
+            await redis.config_set("save", "3600 1")
+            await redis.config_set("dbfilename", "blocked.rdb")
+            await redis.bgsave()
+            started = time.monotonic()
+            await anyio.sleep(self.plan.misconf)
+            await redis.config_set("dbfilename", "dump.rdb")
+            await redis.bgsave()
+            self.figures.misconf = time.monotonic() - started
+            await anyio.sleep(1)
+            await redis.config_set("save", "")
+        except (OSError, aioredis.RedisError) as exc:  # Redis stopped by the outage meanwhile: try once more
+            print(f"[faults] MISCONF episode cut short: {exc}", file=sys.stderr)
+        finally:
+            await redis.aclose()
+
     async def _redis_outage(self) -> None:
         await self.redis_server.stop()
         started = time.monotonic()
@@ -381,13 +499,15 @@ class Suite:
         deadline = anyio.current_time() + within
         async with self._sqs_client() as client:
             while anyio.current_time() < deadline:
-                attributes = (
-                    await client.get_queue_attributes(
-                        QueueUrl=self.sqs.queue_url(self.usage_queue),
-                        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-                    )
-                )["Attributes"]
-                sqs = sum(int(v) for v in attributes.values())
+                sqs = 0
+                for queue in (self.usage_queue, self.payments_queue, self.webhooks_queue):
+                    attributes = (
+                        await client.get_queue_attributes(
+                            QueueUrl=self.sqs.queue_url(queue),
+                            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+                        )
+                    )["Attributes"]
+                    sqs += sum(int(v) for v in attributes.values())
                 if sqs == 0 and await queue_messages(amqp) == 0:
                     return True
                 await anyio.sleep(1)
@@ -420,7 +540,12 @@ class Suite:
             got = int(await redis.hget(key("usage", tag=workspace), "ai_credits") or 0)
             lost += got < micros
             doubled += got > micros
+        for customer, workspace in e.customers.items():
+            lost += (await redis.get(key("subject", tag=customer)) or b"").decode() != workspace
         await redis.aclose()
+        paid = Counter(self.stripe.payments)
+        lost += sum(1 for invoice in e.invoices if paid[invoice] == 0)
+        doubled += sum(1 for n in paid.values() if n > 1)
         meters = Counter(event["identifier"] for event in self.stripe.meter_events)
         values = {event["identifier"]: int(event["payload"]["value"]) for event in self.stripe.meter_events}
         lost += sum(1 for identifier, value in e.meters.items() if values.get(identifier) != value)
@@ -431,6 +556,7 @@ class Suite:
         fuzz_dead = sum(1 for message_id, reason in letters.items() if message_id in fuzz_ids and reason)
         logs = "".join(r.log.read_text(errors="replace") for r in self.replicas)
         bound = DRAIN_TIMEOUT + STOP_GRACE
+        wrong += logs.count("needs a refund")  # a payment billingd made, reported as a double collection
         return {
             "lost": lost,
             "doubled": doubled,
@@ -459,16 +585,17 @@ class Suite:
                 letters[original] = str(headers.get("x-billingd-reason", ""))
         await connection.close()
         async with self._sqs_client() as client:
-            url = self.sqs.queue_url(self.usage_queue + "-dlq")
-            while messages := (
-                await client.receive_message(
-                    QueueUrl=url, MaxNumberOfMessages=10, MessageAttributeNames=["All"], VisibilityTimeout=300
-                )
-            ).get("Messages", []):
-                for m in messages:
-                    attributes = m.get("MessageAttributes", {})
-                    original = attributes.get("original_message_id", {}).get("StringValue", m["MessageId"])
-                    letters[original] = attributes.get("reason", {}).get("StringValue", "")
+            for queue in (self.usage_queue, self.payments_queue, self.webhooks_queue):
+                url = self.sqs.queue_url(queue + "-dlq")
+                while messages := (
+                    await client.receive_message(
+                        QueueUrl=url, MaxNumberOfMessages=10, MessageAttributeNames=["All"], VisibilityTimeout=300
+                    )
+                ).get("Messages", []):
+                    for m in messages:
+                        attributes = m.get("MessageAttributes", {})
+                        original = attributes.get("original_message_id", {}).get("StringValue", m["MessageId"])
+                        letters[original] = attributes.get("reason", {}).get("StringValue", "")
         return letters
 
     async def tear_down(self) -> None:
@@ -531,7 +658,9 @@ async def run(plan: Plan) -> int:
         f"fuzz_acked_as_valid={f['fuzz'] - f['fuzz_dlq']} "
         f"letters_without_reason={f['no_reason']} crashes={f['crashes']} escalations={f['escalations']} "
         f"broker_kills={fig.broker_kills} sigterms={len(fig.sigterms)} sigkills={fig.sigkills} "
-        f"redis_down={fig.redis_down:.0f}s stripe_storms={fig.storms} drains_over_bound={f['slow_drains']} "
+        f"redis_down={fig.redis_down:.0f}s redis_misconf={fig.misconf:.0f}s stripe_storms={fig.storms} "
+        f"stream_404s={fig.stream_404s} payments={plan.payments} webhooks={plan.webhooks} "
+        f"drains_over_bound={f['slow_drains']} "
         f"max_drain={f['max_drain']:.2f}s/{DRAIN_TIMEOUT + STOP_GRACE:.0f}s unclean_exits={f['bad_exits']} "
         f"settled={settled} sentinel={'ok' if f['sentinel'] else 'MISSING'} took={time.monotonic() - started:.0f}s "
         f"result={'FAIL' if failed else 'ok'}"
