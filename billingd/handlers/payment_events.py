@@ -216,7 +216,7 @@ class PaymentEventsHandler:
 
     async def _reconcile(self, gateway: str, payment_id: str, invoice_id: str, amount: int, currency: str) -> Outcome:
         who, ttl = f"{gateway}:{payment_id}", int(self._options.dedup_ttl)
-        if await self._once.done(invoice_id, f"pay:{gateway}:{payment_id}"):  # paid by a billingd before 0.2
+        if await self._once.done(invoice_id, f"pay:{gateway}:{payment_id}"):  # an earlier billingd paid it
             return ACK
         record = await self._payments.record(invoice_id)
         if record.who == who and record.state == "paid":
