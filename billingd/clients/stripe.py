@@ -116,6 +116,7 @@ class StripeGateway:
     ) -> None:
         self._tracer = tracer
         self.timeout = settings.timeout
+        self.max_wait = settings.max_wait
         self.meter_api = settings.meter_api
         self._settings = settings
         self._guard = guard

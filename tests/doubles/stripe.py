@@ -145,9 +145,14 @@ class StripeDouble(Double):
         """Path prefixes answered 404 "Unrecognized request URL", as Stripe answers a path it does
         not serve (a proxy or a mock without the v2 meter event stream, say)."""
         self.lose_pay_replies = 0
-        """The next this many `POST /v1/invoices/{id}/pay` calls pay the invoice, then answer 500
-        (saved under their idempotency key, as Stripe does once an endpoint began executing): a
-        reply lost after the effect."""
+        """The next this many `POST /v1/invoices/{id}/pay` calls pay the invoice and keep their
+        answer under the idempotency key, but the reply is lost on its way back (the client sees
+        a 500)."""
+        self.pay_429s = 0
+        """The next this many pay calls are answered 429 (before the idempotency layer: nothing happens)."""
+        self.saved_500s = 0
+        """The next this many pay calls pay the invoice, then answer 500 and save that 500 under
+        their idempotency key (Stripe: a call whose endpoint began executing and failed)."""
 
     def add_meter(self, event_name: str, status: str = "active") -> dict[str, Any]:
         """Create (or replace) the meter of `event_name`, as `POST /v1/billing/meters` would."""
@@ -288,6 +293,10 @@ class StripeDouble(Double):
         return web.json_response(obj)
 
     async def _pay(self, request: web.Request) -> web.Response:
+        if self.pay_429s > 0:  # rate limits come before the idempotency layer: nothing happens
+            self.pay_429s -= 1
+            self.requests.append(Recorded(request.method, request.path, dict(request.headers), b"", status=429))
+            return self._too_many("Request rate limit exceeded.")
         form, early = await self._begin(request)
         if early is not None:
             return early
@@ -309,10 +318,14 @@ class StripeDouble(Double):
             invoice["status_transitions"] = {**invoice.get("status_transitions", {}), "paid_at": int(time.time())}
             self.payments.append(invoice["id"])
             response = web.json_response(invoice)
-            if self.lose_pay_replies > 0:
-                self.lose_pay_replies -= 1
-                response = _error(500, "api_error", "An unknown error occurred")
-        return self._remember(request, form, response)
+        self._remember(request, form, response)
+        if self.lose_pay_replies > 0 and response.status == 200:
+            self.lose_pay_replies -= 1
+            return _error(500, "api_error", "the reply was lost on its way back")  # Stripe kept its answer
+        if self.saved_500s > 0 and response.status == 200:
+            self.saved_500s -= 1
+            return self._remember(request, form, _error(500, "api_error", "An unknown error occurred"))
+        return response
 
     async def _update_invoice(self, request: web.Request) -> web.Response:
         form, early = await self._begin(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from tests.signing import razorpay_relay
@@ -75,7 +76,7 @@ async def _depth(sqs, url, n) -> bool:
 
 
 async def test_a_capture_delivered_three_times_with_stripe_failing_pays_once(sqs, stripe_double):
-    invoice = unique("in")
+    invoice = unique("in").replace("-", "_")
     stripe_double.invoice(invoice, 150000, "inr")
     capture = razorpay_relay(captured("pay_abc", 150000, {"stripe_invoice_id": invoice}), SECRET, "evt_rzp_1")
     stripe_double.fail_next(2, 500)  # Stripe fails between the steps: the retries must not pay twice
@@ -85,11 +86,11 @@ async def test_a_capture_delivered_three_times_with_stripe_failing_pays_once(sqs
     assert (paid["status"], paid["paid_out_of_band"], paid["amount_remaining"]) == ("paid", True, 0)
     assert paid["metadata"] == {"billingd_gateway": "razorpay", "billingd_payment_id": "pay_abc"}
     pay_keys = {r.headers.get("Idempotency-Key") for r in stripe_double.requests if r.path.endswith("/pay")}
-    assert pay_keys and all(k.startswith("billingd-pay-razorpay-pay_abc-") for k in pay_keys)
+    assert pay_keys and all(k.startswith(f"billingd-pay-{invoice}-") for k in pay_keys)  # one per claim
 
 
 async def test_mismatches_bad_signatures_and_missing_notes_go_to_finance_unpaid(sqs, stripe_double):
-    short, dollars, forged = (unique("in") for _ in range(3))
+    short, dollars, forged = (unique("in").replace("-", "_") for _ in range(3))
     stripe_double.invoice(short, 150000, "inr")
     stripe_double.invoice(dollars, 150000, "usd")
     stripe_double.invoice(forged, 5000, "inr")
@@ -114,7 +115,7 @@ async def test_mismatches_bad_signatures_and_missing_notes_go_to_finance_unpaid(
 
 
 async def test_manual_and_zoho_payments_reconcile(sqs, stripe_double):
-    bank, zoho = (unique("in") for _ in range(2))
+    bank, zoho = (unique("in").replace("-", "_") for _ in range(2))
     stripe_double.invoice(bank, 150000, "inr")
     stripe_double.invoice(zoho, 99900, "inr")
     messages = [
@@ -132,7 +133,7 @@ async def test_a_second_payment_of_a_paid_invoice_is_a_double_collection_for_fin
     sqs, stripe_double
 ):
     """Issue 10: the customer paid twice; finance must refund one. Never acked silently."""
-    invoice, elsewhere = unique("in"), unique("in")
+    invoice, elsewhere = unique("in").replace("-", "_"), unique("in").replace("-", "_")
     stripe_double.invoice(invoice, 150000, "inr")
     stripe_double.invoice(elsewhere, 5000, "inr", status="paid", amount_remaining=0)  # paid in Stripe directly
     first = razorpay_relay(captured("pay_first", 150000, {"stripe_invoice_id": invoice}), SECRET, "e1")
@@ -165,12 +166,17 @@ async def test_a_second_payment_of_a_paid_invoice_is_a_double_collection_for_fin
     assert doubles == {"manual": 1, "zoho": 1}  # counted; our own replay is not
 
 
-async def test_a_pay_reply_lost_after_stripe_paid_is_this_payments_own(sqs, stripe_double):
-    """Issue 24, item 1: Stripe paid, the reply was lost (a 500 saved under the key). Before: the
-    retry found the invoice paid without billingd's note and dead-lettered "needs a refund"."""
-    invoice = unique("in")
+@pytest.mark.parametrize("loss", ["reply", "saved_500"])
+async def test_a_pay_reply_lost_after_stripe_paid_is_this_payments_own(sqs, stripe_double, loss):
+    """Issue 24, item 1: Stripe paid, the reply was lost (or Stripe saved a 500 for the key after
+    paying). Before: the retry found the invoice paid without billingd's note and dead-lettered
+    "needs a refund"."""
+    invoice = unique("in").replace("-", "_")
     stripe_double.invoice(invoice, 150000, "inr")
-    stripe_double.lose_pay_replies = 1
+    if loss == "reply":
+        stripe_double.lose_pay_replies = 1
+    else:
+        stripe_double.saved_500s = 1
     capture = razorpay_relay(captured("pay_lost", 150000, {"stripe_invoice_id": invoice}), SECRET, "evt_lost")
     reasons, doubles = await reconcile(sqs, stripe_double, [capture], ack=1)
     assert reasons == [] and doubles == {}
@@ -182,7 +188,7 @@ async def test_copies_of_one_capture_handled_at_once_make_one_pay_call(sqs, stri
     from tests.doubles.stripe import StripeContract
 
     stripe_double.contract = StripeContract(latency=0.15)
-    invoice = unique("in")
+    invoice = unique("in").replace("-", "_")
     stripe_double.invoice(invoice, 150000, "inr")
     capture = razorpay_relay(captured("pay_twice", 150000, {"stripe_invoice_id": invoice}), SECRET, "evt_twice")
     reasons, _ = await reconcile(sqs, stripe_double, [capture] * 4, ack=4)
@@ -194,7 +200,7 @@ async def test_copies_of_one_capture_handled_at_once_make_one_pay_call(sqs, stri
 async def test_stripe_keys_stay_within_stripes_limits_whatever_the_reference(sqs, stripe_double):
     """Issue 24, item 2: `billingd-pay-<gateway>-<reference>` took the reference whole; Stripe
     refuses an Idempotency-Key over 255 characters, so a long bank reference was dead-lettered."""
-    invoice, reference = unique("in"), "UTR" + "7" * 700
+    invoice, reference = unique("in").replace("-", "_"), "UTR" + "7" * 700
     stripe_double.invoice(invoice, 150000, "inr")
     manual = {"gateway": "manual", "stripe_invoice_id": invoice, "reference": reference, "amount": 150000,
               "currency": "inr"}  # fmt: skip
@@ -202,3 +208,27 @@ async def test_stripe_keys_stay_within_stripes_limits_whatever_the_reference(sqs
     assert reasons == [] and stripe_double.payments == [invoice]
     assert all(len(r.headers.get("Idempotency-Key", "")) <= 255 for r in stripe_double.requests)
     assert len(stripe_double.objects["invoices"][invoice]["metadata"]["billingd_payment_id"]) <= 500
+
+
+async def test_a_card_payment_after_our_call_never_reached_stripe_is_a_double_collection(sqs, stripe_double):
+    """The review of issue 24: billingd marked the invoice, its pay call was refused before it was
+    sent (a 429), then the customer paid the invoice by card. The mark alone must not make the
+    card payment billingd's own: replaying billingd's pay call proves it was not."""
+    invoice = unique("in").replace("-", "_")
+    stripe_double.invoice(invoice, 150000, "inr")
+    stripe_double.pay_429s = 1
+    manual = {"gateway": "manual", "stripe_invoice_id": invoice, "reference": "UTR-CARD", "amount": 150000,
+              "currency": "inr"}  # fmt: skip
+
+    async def card_payment_after_the_429() -> None:
+        await wait_for(lambda: any(r.status == 429 for r in stripe_double.requests), what="the 429")
+        stripe_double.objects["invoices"][invoice].update(status="paid", paid_out_of_band=False, amount_remaining=0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(card_payment_after_the_429)
+        reasons, doubles = await reconcile(sqs, stripe_double, [manual], ack=0, dead=1)
+    assert reasons == [f"invoice {invoice} already paid by a payment billingd did not record; manual payment "
+                       "UTR-CARD of 1,500.00 INR needs a refund"]  # fmt: skip
+    assert doubles == {"manual": 1}
+    assert stripe_double.payments == []  # billingd never paid it
+    assert stripe_double.objects["invoices"][invoice]["metadata"].get("billingd_payment_id") in (None, "")
