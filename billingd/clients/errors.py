@@ -46,6 +46,11 @@ class DownstreamError(Exception):
 #: handler call; None elsewhere). A breaker reads it to tell one message's own failures from an
 #: outage that every message meets (`billingd.supervisors.breaker`).
 CURRENT_MESSAGE: ContextVar[str | None] = ContextVar("billingd_current_message", default=None)
+#: What part of a downstream the current call goes to (a Redis Cluster node, Stripe's API or its
+#: meter event host; "" for the whole), set by the clients around a guarded call: a failure is a
+#: message's own only when a later call *to the same part* succeeded — a partial outage (one
+#: cluster node failing over, one Stripe host down) is not the message's fault.
+CALL_TARGET: ContextVar[str] = ContextVar("billingd_call_target", default="")
 
 
 class DownstreamUnavailable(DownstreamError):
@@ -68,6 +73,14 @@ class DownstreamUnavailable(DownstreamError):
     def attempt(self) -> bool:
         """Whether the retry this failure causes is a counted attempt."""
         return self.counts and self.own is True
+
+
+class CallAborted(DownstreamUnavailable):
+    """The call never got an answer because another task gave up on it (the task leading a Redis
+    pipeline was cancelled): retried, never an attempt, never a breaker failure."""
+
+    def __init__(self, downstream: str, detail: str) -> None:
+        super().__init__(downstream, detail, counts=False)
 
 
 class CircuitOpen(DownstreamUnavailable):

@@ -41,7 +41,7 @@ import anyio
 import stripe
 import structlog
 
-from billingd.clients.errors import DownstreamRejected, DownstreamUnavailable, Guard, Throttled
+from billingd.clients.errors import CALL_TARGET, DownstreamRejected, DownstreamUnavailable, Guard, Throttled
 from billingd.clients.keyed import KeyedLocks
 from billingd.clients.stripe_meters import MeterCatalogue
 from billingd.clients.stripe_stream import MeterSession, MeterStream, SessionExpired, is_session_expired
@@ -322,11 +322,14 @@ class StripeGateway:
         return await self.call(self._client.v2.billing.meter_event_session.create_async, {})
 
     async def _post_stream(self, events: list[dict[str, Any]], token: str) -> None:
+        target = CALL_TARGET.set("meter_events")  # its own host: its outage is not the API's
         try:
             await self._guard.call(self._stream_request, events, token)
         except Throttled as exc:
             self._count_429(exc, "meter_stream")
             raise
+        finally:
+            CALL_TARGET.reset(target)
 
     async def _stream_request(self, events: list[dict[str, Any]], token: str) -> None:
         try:

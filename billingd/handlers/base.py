@@ -31,7 +31,8 @@ class Message(Protocol):
     set none, a digest of the body: `derived_id` is then True — two identical bodies share it, so
     it identifies a content, not a delivery); `attempt` counts deliveries that ended in a counted
     retry, starting at 1; `redelivered` says the broker delivered this message before (or it is
-    billingd's copy of an earlier delivery); `attributes` are SQS message attributes or AMQP
+    billingd's copy of an earlier delivery); `delivery_id` names the delivery, the same on
+    billingd's own retry copies of it (`copied`); `attributes` are SQS message attributes or AMQP
     headers.
     """
 
@@ -52,6 +53,12 @@ class Message(Protocol):
 
     @property
     def derived_id(self) -> bool: ...
+
+    @property
+    def delivery_id(self) -> str: ...
+
+    @property
+    def copied(self) -> bool: ...
 
 
 class Handler(Protocol):

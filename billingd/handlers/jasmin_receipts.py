@@ -33,6 +33,9 @@ from billingd.handlers.outcome import ACK, DeadLetter, Outcome, Retry
 
 log = structlog.get_logger("billingd.jasmin")
 
+#: Which delivery a receipt came in: `(delivery id, redelivered, content digest, copied)`.
+Copy = tuple[str, bool, str, bool]
+
 
 class NativeReceipts:
     """Applies native receipts (see module docstring).
@@ -66,10 +69,14 @@ class NativeReceipts:
         self._warned = False
 
     async def apply(
-        self, receipt: Receipt, attempt: int, cdr_status: Any, copy: tuple[str, bool] = ("", False)
+        self,
+        receipt: Receipt,
+        attempt: int,
+        cdr_status: Any,
+        copy: tuple[str, bool, str, bool] = ("", False, "", False),
     ) -> Outcome:
         """Apply one receipt; `cdr_status` maps a delivery state onto a CDR status (or raises);
-        `copy` is `(copy id, redelivered)` of the message (see `JasminLedger.submit_result`)."""
+        `copy` says which delivery this is (see `JasminLedger.submit_result`)."""
         if isinstance(receipt, SubmitReceipt):
             return await self._submit_result(
                 receipt.msgid, receipt.status, receipt.smpp_msgid, "attempts", attempt, copy
@@ -84,15 +91,14 @@ class NativeReceipts:
         return await self._delivery(receipt.msgid, receipt.status, "", receipt.details, cdr_status, attempt)
 
     async def _submit_result(
-        self, msgid: str, status: str, smpp: str, counter: str, attempt: int, copy: tuple[str, bool]
+        self, msgid: str, status: str, smpp: str, counter: str, attempt: int, copy: Copy
     ) -> Outcome:
         if status == "ESME_ROK" and smpp:
             await self._submits.map_smpp(smpp, msgid, self._retention)
         final_after = self._retrial.get(status, 0)
-        copy_id, redelivered = copy
         outcome, detail = await self._submits.submit_result(
             msgid, status, final_after=final_after, smpp_msgid=smpp, counter=counter, retention=self._retention,
-            copy_id=copy_id, redelivered=redelivered,
+            copy=copy,
         )  # fmt: skip
         if outcome is SubmitOutcome.CONFLICT:
             return DeadLetter(

@@ -107,8 +107,9 @@ class SmsDlrHandler:
             self._format == "jasmin" or (self._format == "auto" and jasmin.is_receipt(message.attributes))
         ):
             receipt = jasmin.receipt(message.message_id, message.body, message.attributes)
-            copy_id = hashlib.sha256(message.body + repr(receipt).encode()).hexdigest()[:16]
-            return await self._native.apply(receipt, message.attempt, cdr_status, (copy_id, message.redelivered))
+            digest = hashlib.sha256(message.body + repr(receipt).encode()).hexdigest()[:16]
+            copy = (message.delivery_id, message.redelivered, digest, message.copied)
+            return await self._native.apply(receipt, message.attempt, cdr_status, copy)
         dlr = self._decoder.decode(message.body)
         await self._ledger.record_dlr(
             dlr.message_id,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -49,7 +50,7 @@ from billingd.sources.base import (
 )
 from billingd.sources.codecs import UndecodableBody, decode_body
 from billingd.sources.deadlines import CallDeadlines
-from billingd.sources.letters import ATTEMPTS_HEADER, ORIGINAL_ID_HEADER
+from billingd.sources.letters import ATTEMPTS_HEADER, DELIVERY_HEADER, ORIGINAL_ID_HEADER
 
 #: Seconds between two attempts to reach a lost broker (the next node of a cluster each time).
 RECONNECT_INTERVAL = 1.0
@@ -267,7 +268,14 @@ class AmqpSource:
                 except UndecodableBody as exc:
                     error = str(exc)
             identity = message_id if derived else f"{message_id}:{hashlib.sha256(message.body).hexdigest()[:16]}"
-            return Delivery(body, message_id, attempt, headers, message, None, error, again, derived, identity)
+            copy_of = headers.get(DELIVERY_HEADER)
+            if isinstance(copy_of, bytes):
+                copy_of = copy_of.decode("ascii", "replace")
+            copied = isinstance(copy_of, str) and 0 < len(copy_of) <= 64
+            delivery_id = str(copy_of) if copied else uuid.uuid4().hex
+            return Delivery(
+                body, message_id, attempt, headers, message, None, error, again, derived, identity, delivery_id, copied
+            )
         except Exception as exc:  # noqa: BLE001 — an unreadable message is its own dead letter, never a crash
             reason = f"unreadable AMQP message: {exc!r}"[:500]
             return Delivery(message.body, message_id, 1, {}, message, None, reason, bool(message.redelivered), derived)

@@ -25,7 +25,7 @@ from billingd.sources.acks import AckPlan
 from billingd.sources.amqp_wire import CONNECT_ERRORS, encodable_headers, persistent_copy
 from billingd.sources.base import DRAIN_CALL_TIMEOUT, Disposition, Settlement, SourceEvents
 from billingd.sources.deadlines import CallDeadlines
-from billingd.sources.letters import ATTEMPTS_HEADER, amqp_annotations
+from billingd.sources.letters import ATTEMPTS_HEADER, DELIVERY_HEADER, amqp_annotations
 
 log = structlog.get_logger("billingd.sources.amqp")
 
@@ -129,7 +129,10 @@ class Acknowledger:
         received = properties.headers if isinstance(properties.headers, dict) else {}
         expiration = None
         if s.disposition is Disposition.RETRY:
-            ours: dict[str, Any] = {ATTEMPTS_HEADER: s.delivery.attempt if s.counted else s.delivery.attempt - 1}
+            ours: dict[str, Any] = {
+                ATTEMPTS_HEADER: s.delivery.attempt if s.counted else s.delivery.attempt - 1,
+                DELIVERY_HEADER: s.delivery.delivery_id,  # the copy is this delivery, not a new one
+            }
             routing_key, operation = f"{queue}.retry", "publish_retry"
             expiration = max(s.delay, 0.001)
         else:

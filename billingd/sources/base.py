@@ -40,6 +40,8 @@ class Delivery:
     AMQP message without a `message_id` property): it names a content, not a delivery.
     `identity` names this message for its attempt count, the same for every copy of it (empty:
     `message_id`): producers reuse message ids (Jasmin gives every receipt of one SMS its msgid).
+    `delivery_id` names this delivery: billingd's retry copies of it carry the same (`copied`
+    True); a fresh publish, and a message the broker redelivered, get a new one.
     """
 
     body: bytes
@@ -52,6 +54,8 @@ class Delivery:
     redelivered: bool = False
     derived_id: bool = False
     identity: str = ""
+    delivery_id: str = ""
+    copied: bool = False
 
 
 class Disposition(enum.Enum):

@@ -25,6 +25,8 @@ from typing import Any
 #: The AMQP header counting attempts (also on retry copies). Written for people reading a letter;
 #: never believed (any producer can set it): billingd counts attempts in Redis (`AttemptLedger`).
 ATTEMPTS_HEADER = "x-billingd-attempts"
+#: The AMQP header naming the delivery a retry copy is a copy of (`Delivery.delivery_id`).
+DELIVERY_HEADER = "x-billingd-delivery-id"
 #: The AMQP header naming a dead letter's first message id (kept by a replay).
 ORIGINAL_ID_HEADER = "x-billingd-original-message-id"
 #: Longest reason written (AMQP header; SQS attributes are cut at 1,000 characters).
@@ -35,6 +37,7 @@ AMQP_ANNOTATIONS = (
     "x-billingd-handler",
     ATTEMPTS_HEADER,
     "x-billingd-source",
+    DELIVERY_HEADER,
     ORIGINAL_ID_HEADER,
     "x-billingd-original-exchange",
     "x-billingd-original-routing-key",

@@ -60,7 +60,9 @@ class MemorySource:
     ) -> Delivery:
         """Enqueue a message; returns its delivery."""
         identity = message_id or f"m-{next(self._ids)}"
-        delivery = Delivery(body, identity, attempt, dict(attributes or {}), None, group, redelivered=attempt > 1)
+        delivery = Delivery(
+            body, identity, attempt, dict(attributes or {}), None, group, redelivered=attempt > 1, delivery_id=identity
+        )
         self._queue.append(delivery)
         self._arrived.set()
         return delivery
@@ -110,8 +112,9 @@ class MemorySource:
 
     def _requeue(self, delivery: Delivery, attempt: int, delay: float) -> None:
         copy = Delivery(
-            delivery.body, delivery.message_id, attempt, delivery.attributes, None, delivery.partition_key, None, True
-        )
+            delivery.body, delivery.message_id, attempt, delivery.attributes, None, delivery.partition_key, None, True,
+            delivery_id=delivery.delivery_id, copied=True,
+        )  # fmt: skip
         if delay <= 0:
             self._queue.appendleft(copy)
             self._arrived.set()

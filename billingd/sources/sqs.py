@@ -238,7 +238,9 @@ class SqsSource:
             except UndecodableBody as exc:
                 error = str(exc)
             group = system.get("MessageGroupId")
-            return Delivery(body, message_id, received, attributes, message, group, error, again)
+            return Delivery(
+                body, message_id, received, attributes, message, group, error, again, False, "", message_id, again
+            )
         except Exception as exc:  # noqa: BLE001 — an unreadable message is its own dead letter, never a crash
             return Delivery(b"", message_id, 1, {}, message, None, f"unreadable SQS message: {exc!r}"[:500], True)
 

@@ -12,10 +12,11 @@ is not met with a burst of retries. Time is `anyio.current_time()` (monotonic se
 
 Whose failure is it? Each failure is judged (`DownstreamUnavailable.own`) before it is recorded:
 
-* **own** — a call that began *after* it succeeded (the downstream serves others: this message,
-  or its call, is the problem), or it failed a half-open probe while no other message met the
-  breaker since the last success (a message alone on its downstream — a poison message — must
-  reach its dead letter instead of opening the breaker forever);
+* **own** — a call to the same part of the downstream (`CALL_TARGET`: a Redis Cluster node,
+  Stripe's API or its meter event host) that began *after* it succeeded (that part serves others:
+  this message, or its call, is the problem), or it failed a half-open probe while no other
+  message met the breaker since the last success (a message alone on its downstream — a poison
+  message — must reach its dead letter instead of opening the breaker forever);
 * **shared** — anything else: an outage that other messages meet too, before or after the
   breaker opens. Its retry is never an attempt, however short the outage and whatever
   `max_attempts` is.
@@ -34,7 +35,15 @@ from typing import TypeVar
 import anyio
 import structlog
 
-from billingd.clients.errors import CURRENT_MESSAGE, CircuitOpen, DownstreamRejected, DownstreamUnavailable, Throttled
+from billingd.clients.errors import (
+    CALL_TARGET,
+    CURRENT_MESSAGE,
+    CallAborted,
+    CircuitOpen,
+    DownstreamRejected,
+    DownstreamUnavailable,
+    Throttled,
+)
 from billingd.config.model import Settings
 from billingd.telemetry.metrics import Metrics
 
@@ -73,7 +82,8 @@ class CircuitBreaker:
         self._changed = anyio.Event()
         self._on_change = on_change
         self._calls = 0
-        self._last_success_call = 0
+        self._last_success: dict[str, int] = {}
+        """The latest call number that succeeded, per target."""
         self._met: set[str | None] = set()
         """Messages that met a failure or a refusal since the last success (at most two kept:
         enough to know whether a probe's message is alone)."""
@@ -90,25 +100,29 @@ class CircuitBreaker:
             DownstreamUnavailable: from `fn` (recorded as a failure).
         """
         self._calls += 1
-        call, message = self._calls, CURRENT_MESSAGE.get()
+        call, message, target = self._calls, CURRENT_MESSAGE.get(), CALL_TARGET.get()
         probe = await self._admit(message)
         try:
             result = await fn(*args)
+        except CallAborted:
+            if probe:  # no answer: let the next call probe
+                self._probing = False
+            raise
         except DownstreamUnavailable as exc:
-            exc.own = self._own(call, probe, message)
+            exc.own = self._own(call, target, probe, message)
             self._meet(message)
             self.last_failure = exc.detail
             if probe or self.state is BreakerState.CLOSED:
                 self._failure()
             raise
         except (DownstreamRejected, Throttled):
-            self._success(call)  # a refusal or a 429 is an answer: the downstream is up
+            self._success(call, target)  # a refusal or a 429 is an answer: the downstream is up
             raise
         except BaseException:
             if probe:  # cancelled or a bug, not an answer: let the next call probe
                 self._probing = False
             raise
-        self._success(call)
+        self._success(call, target)
         return result
 
     async def _admit(self, message: str | None) -> bool:
@@ -127,10 +141,10 @@ class CircuitBreaker:
             self._meet(message)  # waits on another message's probe: not alone
             await self._changed.wait()
 
-    def _own(self, call: int, probe: bool, message: str | None) -> bool:
-        """Whether a failure of call number `call` (made for `message`) is that message's own
-        (see module docstring)."""
-        if self._last_success_call > call:
+    def _own(self, call: int, target: str, probe: bool, message: str | None) -> bool:
+        """Whether a failure of call number `call` to `target` (made for `message`) is that
+        message's own (see module docstring)."""
+        if self._last_success.get(target, 0) > call:
             return True
         return probe and message is not None and not (self._met - {message})
 
@@ -150,8 +164,11 @@ class CircuitBreaker:
             self.timeout = self.reset_timeout
             self._open()
 
-    def _success(self, call: int = 0) -> None:
-        self._last_success_call = max(self._last_success_call, call)
+    def _success(self, call: int = 0, target: str = "") -> None:
+        if call > self._last_success.get(target, 0):
+            if len(self._last_success) > 1000 and target not in self._last_success:
+                self._last_success.clear()  # bounded: targets are nodes and hosts, a handful
+            self._last_success[target] = call
         self._met.clear()
         self.failures = 0
         if self.state is not BreakerState.CLOSED:

@@ -330,3 +330,30 @@ async def test_a_redelivered_submit_error_receipt_is_not_a_second_attempt(amqp, 
         assert daemon.metrics.processed.labels(sources[2]["name"], "dead_letter")._value.get() == 0
     assert (await sms.cdr(msgid))["status"] == "submitted"
     assert await sms.refunds_micros("billuser01") == 0
+
+
+async def test_a_second_identical_receipt_retried_by_billingd_still_counts(amqp, redis):
+    """The review of issue 24: Jasmin's two error receipts of one submission are identical. If the
+    second one's first handling fails (Redis), billingd's retry copy of it must still count —
+    it is a copy of a delivery never counted — and the early share must be refunded."""
+    import dataclasses
+
+    messages = load()
+    msgid = next(
+        m.message_id for m in messages if m.routing_key == "dlr.submit_sm_resp" and m.body == b"ESME_RTHROTTLED"
+    )
+    submit = next(m for m in messages if m.routing_key.startswith("submit.sm.") and m.message_id == msgid)
+    first = next(m for m in messages if m.routing_key == "dlr.submit_sm_resp" and m.message_id == msgid)
+    retried = dataclasses.replace(first, headers={**first.headers, "x-billingd-attempts": ("I", 0),
+                                                  "x-billingd-delivery-id": ("S", "second-attempt")})  # fmt: skip
+    billing, messaging = unique("jasmin-billing"), unique("jasmin-messaging")
+    amqp._exchanges += [billing, messaging]
+    sources = _sources(amqp, billing, messaging)
+    sms, submits = SmsLedger(redis, Unguarded("redis")), JasminLedger(redis, Unguarded("redis"))
+    async with running(make_settings(sources)) as daemon:
+        dlr_acked = daemon.metrics.processed.labels(sources[2]["name"], "ack")
+        await _publish([submit, first, retried], {"billing": billing, "messaging": messaging})
+        await wait_for(lambda: dlr_acked._value.get() == 2, what="both receipts")
+    assert (await sms.cdr(msgid))["status"] == "failed"  # two attempts: Jasmin gave up
+    record = await submits.submit(msgid)
+    assert await sms.refunds_micros("billuser01") == int(record["early_micros"]) > 0

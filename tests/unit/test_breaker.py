@@ -158,3 +158,50 @@ async def test_a_message_alone_on_its_downstream_counts_its_failed_probes():
         await anyio.sleep(breaker.open_until - anyio.current_time() + 0.005)
         probe = await judged(breaker, "poison")
         assert probe.own is True and probe.attempt  # the probe's own failure counts: it reaches its DLQ
+
+
+async def test_a_partial_outage_is_not_a_messages_own_failure():
+    """The review of issue 24: one Redis Cluster node failing over (or Stripe's meter event host
+    down) while calls to the other parts succeed must not count against the messages it fails."""
+    from billingd.clients.errors import CALL_TARGET
+
+    breaker = CircuitBreaker("redis", failure_threshold=99, reset_timeout=0.05, reset_timeout_max=0.1)
+    gate, started = anyio.Event(), anyio.Event()
+
+    async def slow_failure() -> None:
+        started.set()
+        await gate.wait()
+        raise DownstreamUnavailable("redis", "node 7001 failing over")
+
+    result: list[DownstreamUnavailable] = []
+
+    async def on_node(name: str) -> None:
+        token = CALL_TARGET.set(name)
+        try:
+            result.append(await judged(breaker, "m1", slow_failure))
+        finally:
+            CALL_TARGET.reset(token)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(on_node, "127.0.0.1:7001")
+        await started.wait()
+        token = CALL_TARGET.set("127.0.0.1:7002")
+        assert await breaker.call(ok) == "ok"  # another node answers
+        CALL_TARGET.reset(token)
+        gate.set()
+    assert result[0].own is False
+
+
+async def test_an_aborted_call_is_neither_a_failure_nor_an_attempt():
+    from billingd.clients.errors import CallAborted
+
+    breaker = CircuitBreaker("redis", failure_threshold=1, reset_timeout=1, reset_timeout_max=1)
+
+    async def aborted() -> None:
+        raise CallAborted("redis", "the pipeline's leader was cancelled")
+
+    for _ in range(3):
+        with pytest.raises(CallAborted) as caught:
+            await breaker.call(aborted)
+        assert not caught.value.attempt
+    assert breaker.state is BreakerState.CLOSED

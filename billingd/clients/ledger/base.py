@@ -10,9 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import DataError, NoScriptError, ResponseError
 
-from billingd.clients.errors import DownstreamError, DownstreamRejected, DownstreamUnavailable, Guard
+from billingd.clients.errors import (
+    CALL_TARGET,
+    CallAborted,
+    DownstreamError,
+    DownstreamRejected,
+    DownstreamUnavailable,
+    Guard,
+)
 from billingd.clients.ledger.batch import BatchAborted, CommandBatcher
 from billingd.clients.ledger.scripts import Script
 from billingd.clients.redis import TRANSIENT_REDIS_ERRORS, RedisClient, fix_for, is_transient_reply
@@ -59,14 +67,28 @@ class RedisLedger:
         self._tracer = tracer
         self._span_attributes = {"db.system.name": "redis", "db.operation.name": "EVALSHA",
                                  "billingd.ledger": type(self).__name__}  # fmt: skip
+        self._cluster = isinstance(redis, RedisCluster)
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run `script` with `keys` and `args` (pipelined with concurrent calls), through the guard
         (in a child span of the message's when traces are on)."""
-        if self._tracer is None:
-            return await self._guard.call(self._run_script, script, keys, args)
-        with child_span(self._tracer, "redis EVALSHA", self._span_attributes):
-            return await self._guard.call(self._run_script, script, keys, args)
+        target = CALL_TARGET.set(self._node(keys[0])) if self._cluster and keys else None
+        try:
+            if self._tracer is None:
+                return await self._guard.call(self._run_script, script, keys, args)
+            with child_span(self._tracer, "redis EVALSHA", self._span_attributes):
+                return await self._guard.call(self._run_script, script, keys, args)
+        finally:
+            if target is not None:
+                CALL_TARGET.reset(target)
+
+    def _node(self, name: str) -> str:
+        """The Redis Cluster node serving key `name` (the breaker's target)."""
+        try:
+            node = self.redis.get_node_from_key(name)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 — no topology yet: the whole cluster
+            return ""
+        return str(getattr(node, "name", "") or "")
 
     async def hgetall(self, name: str) -> dict[str, str]:
         """Read a hash as `str → str` (empty when absent), through the guard."""
@@ -120,8 +142,8 @@ def classify(exc: BaseException) -> DownstreamError:
         # the effect is on the master, not yet on enough replicas (`min_replicas_acked`): retried
         # until it is (idempotent), never an attempt — a replica outage must not dead-letter it
         return DownstreamUnavailable("redis", detail, counts=False)
-    if isinstance(exc, (*TRANSIENT_REDIS_ERRORS, BatchAborted)) or (
-        isinstance(exc, ResponseError) and is_transient_reply(exc)
-    ):
+    if isinstance(exc, BatchAborted):
+        return CallAborted("redis", detail)
+    if isinstance(exc, TRANSIENT_REDIS_ERRORS) or (isinstance(exc, ResponseError) and is_transient_reply(exc)):
         return DownstreamUnavailable("redis", detail)
     return DownstreamRejected("redis", detail)

@@ -9,11 +9,11 @@ Keys (each script touches one hash slot):
   `smpp_msgid` header of an `ESME_ROK` `dlr.submit_sm_resp` (a `dlr.deliver_sm` names only the
   SMSC's id);
 * the CDR `billingd:cdr:{msgid}` (see `sms.py`) gains `attempts` (error receipts of `dlr.submit_sm_resp`)
-  and `thrower_attempts` (the same from `dlr_thrower.*`), and `seen:<counter>:<copy id>` per
-  receipt counted (a redelivered copy of it is not counted again): Jasmin retries some submit errors
-  (`submit_error_retrial`), publishing a receipt per attempt; an error is final once its attempts
-  reach the retrial count, and only then is the CDR `failed` — a throttled attempt followed by
-  `ESME_ROK` ends `submitted`.
+  and `thrower_attempts` (the same from `dlr_thrower.*`), and `seen:<counter>:<delivery id>` and
+  `seen:<counter>:<content digest>` per receipt counted (a redelivered copy is not counted again):
+  Jasmin retries some submit errors (`submit_error_retrial`), publishing a receipt per attempt;
+  an error is final once its attempts reach the retrial count, and only then is the CDR `failed`
+  — a throttled attempt followed by `ESME_ROK` ends `submitted`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ return 1
 """)
 
 # ARGV: jasmin status, ok (1/0), final_after (0 = final at once), smpp_msgid, now_ms, attempts field,
-# retention seconds (0: kept), the receipt's copy id, redelivered (1/0)
+# retention seconds (0: kept), the delivery id, redelivered (1/0), the content digest, copied (1/0: a
+# retry copy billingd published of this very delivery)
 _SUBMIT_RESULT = Script.of(
     """
 local rank = tonumber(redis.call('HGET', KEYS[1], 'rank') or '-1')
@@ -54,7 +55,9 @@ local function result()
     return {'stale', redis.call('HGET', KEYS[1], 'status')}
   end
   local seen = 'seen:' .. ARGV[6] .. ':' .. ARGV[8]
-  if ARGV[9] == '1' and redis.call('HEXISTS', KEYS[1], seen) == 1 then
+  local same = 'seen:' .. ARGV[6] .. ':' .. ARGV[10]
+  local known = ARGV[11] == '1' and seen or same  -- a broker's redelivery can be told only by its content
+  if ARGV[9] == '1' and redis.call('HEXISTS', KEYS[1], known) == 1 then
     -- a copy of a receipt already counted (the broker's redelivery, billingd's retry): not an attempt
     local attempts = redis.call('HGET', KEYS[1], ARGV[6]) or '0'
     if failed_by_submit then return {'final', attempts} end
@@ -62,7 +65,7 @@ local function result()
     return {'retrying', attempts}
   end
   local attempts = redis.call('HINCRBY', KEYS[1], ARGV[6], 1)
-  redis.call('HINCRBY', KEYS[1], seen, 1)
+  redis.call('HSET', KEYS[1], seen, 1, same, 1)
   if failed_by_submit then return {'final', tostring(attempts)} end
   if rank >= SUBMITTED then return {'stale', redis.call('HGET', KEYS[1], 'status')} end
   local after = tonumber(ARGV[3])
@@ -140,8 +143,7 @@ class JasminLedger(RedisLedger):
         smpp_msgid: str = "",
         counter: str = "attempts",
         retention: int = 0,
-        copy_id: str = "",
-        redelivered: bool = False,
+        copy: tuple[str, bool, str, bool] = ("", False, "", False),
     ) -> tuple[SubmitOutcome, str]:
         """Apply one submit attempt's result to the CDR of `msgid`.
 
@@ -152,12 +154,16 @@ class JasminLedger(RedisLedger):
         submission that failed, so that a refund interrupted by a crash is completed), else
         `retrying`. Returns the outcome and the CDR status (`STALE`) or attempts (the others).
 
-        `copy_id` names the receipt's content; a `redelivered` copy of a receipt already counted
-        (the broker redelivered it, or billingd retried it) is not counted again: only Jasmin's
-        own next attempt, a new publish, is.
+        `copy` = `(delivery id, redelivered, content digest, copied)` of the receipt's message: a
+        redelivered receipt already counted is not counted again — billingd's own retry copy by
+        its delivery id (so a second attempt's receipt whose first handling failed still counts),
+        a broker's redelivery by its content (two attempts with identical receipts cannot be told
+        apart then: documented). Jasmin's own next attempt is a new publish and counts.
         """
         ok = "1" if status == "ESME_ROK" else "0"
         now = int(time.time() * 1000)
-        args = (status, ok, final_after, smpp_msgid, now, counter, retention, copy_id, "1" if redelivered else "0")
+        delivery_id, redelivered, digest, copied = copy
+        args = (status, ok, final_after, smpp_msgid, now, counter, retention, delivery_id or digest,
+                "1" if redelivered else "0", digest, "1" if copied else "0")  # fmt: skip
         reply = await self.run(_SUBMIT_RESULT, (key("cdr", tag=msgid),), args)
         return SubmitOutcome(reply[0].decode()), (reply[1] or b"").decode()
