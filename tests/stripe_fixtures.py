@@ -30,6 +30,7 @@ def subscription(
     return {
         "id": sub_id,
         "object": "subscription",
+        "created": start,
         "customer": customer,
         "status": status,
         "metadata": {"workspace_id": workspace} if workspace else {},

@@ -13,6 +13,7 @@ from billingd.clients.ledger.attempts import AttemptLedger
 from billingd.clients.ledger.batch import CommandBatcher
 from billingd.clients.ledger.jasmin import JasminLedger
 from billingd.clients.ledger.limits import SharedLimits
+from billingd.clients.ledger.outbox import OutboxLedger
 from billingd.clients.ledger.payments import PaymentLedger
 from billingd.clients.ledger.subscriptions import SubscriptionLedger
 from billingd.clients.redis import RedisClient, connect_redis
@@ -87,6 +88,11 @@ class Clients:
     def attempts(self) -> AttemptLedger:
         """Counted attempts per message, for every source (a broker's own count is not one)."""
         return AttemptLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
+
+    @cached_property
+    def outbox(self) -> OutboxLedger:
+        """The meter outboxes, their leases, the journal (metering)."""
+        return OutboxLedger(self.redis, self.guard("redis"), self.batcher, self.tracer)
 
     @cached_property
     def payments(self) -> PaymentLedger:

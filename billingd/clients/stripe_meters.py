@@ -17,6 +17,11 @@ from typing import Any
 
 import anyio
 
+#: Stripe's meter event rules ("Record usage with the API"): timestamps within the past 35 days
+#: and at most 5 minutes ahead (seconds).
+STRIPE_MAX_AGE = 35 * 86400
+STRIPE_MAX_AHEAD = 300
+
 #: Seconds a catalogue is used before it is read again; and the least time between two reads
 #: caused by a name the catalogue does not know.
 REFRESH = 300.0
@@ -53,6 +58,10 @@ class MeterCatalogue:
                     self._meters = {str(m.get("event_name")): m for m in meters}
                     self._read_at = anyio.current_time()
         return self._meters.get(event_name)
+
+    def forget(self) -> None:
+        """Read the catalogue again before the next event (Stripe reported a missing or archived meter)."""
+        self._read_at = None
 
     async def all(self) -> list[dict[str, Any]]:
         """Every meter, read now."""

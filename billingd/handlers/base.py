@@ -18,10 +18,11 @@ T = TypeVar("T")
 #: Most characters of an identifier that becomes part of a Redis key (an account, bill, message,
 #: subject or idempotency key): real ones are under 100; a longer one is refused, not stored.
 MAX_ID_LENGTH = 512
-#: An identifier from a message: non-empty, at most `MAX_ID_LENGTH` characters.
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+#: An identifier from a message: non-empty, at most `MAX_ID_LENGTH` characters, without `{` or
+#: `}` (it becomes a Redis Cluster hash tag: a brace would split it, and two ids could share a key).
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[^{}]*$")]
 #: An optional identifier (may be empty; absent is None).
-OptionalId = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
+OptionalId = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH, pattern=r"^[^{}]*$")]
 
 
 class Message(Protocol):

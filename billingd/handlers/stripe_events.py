@@ -32,6 +32,7 @@ import msgspec
 
 from billingd.clients.ledger import OnceLedger
 from billingd.clients.ledger.base import LEDGER_MAX
+from billingd.clients.ledger.outbox import OutboxLedger
 from billingd.clients.ledger.periods import period_containing
 from billingd.clients.ledger.subscriptions import Grant, SubscriptionLedger
 from billingd.config.durations import Duration
@@ -79,7 +80,9 @@ class StripeEventsHandler:
         ignored: Any,
         meter_errors_counter: Any = None,
         source: str = "",
+        outbox: OutboxLedger | None = None,
     ) -> None:
+        self._outbox = outbox
         self._ledger = ledger
         self._once = once
         self._stripe = stripe_gateway
@@ -162,6 +165,14 @@ class StripeEventsHandler:
         report = meter_errors.REPORT.decode(data)
         if self._meter_errors is not None:
             meter_errors.record(event, report, self._meter_errors, self._source)
+        codes = {kind.code for kind in report.reason.error_types}
+        if codes & {"no_meter", "archived_meter"}:
+            self._stripe.catalogue.forget()  # a meter went away: read the catalogue before sending more
+        if self._outbox is not None:  # tie the sample identifiers to the buckets they were sent in
+            samples = [(s.request.identifier, kind.code[:64]) for kind in report.reason.error_types
+                       for s in kind.sample_errors if s.request is not None and s.request.identifier][:200]  # fmt: skip
+            today = int(time.time()) // 86400
+            await self._outbox.refused(samples, {today, today - 1, today - 2})
 
     # -- effects -----------------------------------------------------------------------------
 
@@ -209,6 +220,7 @@ class StripeEventsHandler:
             period_end=end,
             interval=interval,
             grants=list(grants.values()),
+            created=created if isinstance(created := subscription.get("created"), int) else 0,
         )
 
     async def _subscription_ended(self, event: StripeEvent) -> None:
@@ -295,6 +307,7 @@ def _build(ctx: HandlerContext, options: StripeEventsOptions) -> StripeEventsHan
         ignored,
         errors,
         ctx.source.name,
+        clients.outbox,
     )
 
 

@@ -180,8 +180,12 @@ class UsageHandler:
                 f"over the limit of {name} for {subject}: {_units(result.used)} used + {quantity} "
                 f"> {_units(result.limit)}"
             )
-        step = f"meter:{name}:{key}" if consume else f"meter:{key}"  # scoped as the producer's key is
-        if meter and not await self._meter_sent(subject, step, key, consume):
+        if result.legacy:  # applied by an earlier billingd: its Stripe step had the names of then
+            step, identifier = f"meter:{key}", key
+        else:
+            step = f"meter:{len(name)}:{name}:{key}" if consume else f"meter:{key}"  # scoped as the key is
+            identifier = meter_identifier(subject, name, key)
+        if meter and not await self._once.done(subject, step):
             customer = event.stripe_customer_id or await self._ledger.customer(subject)
             if not customer:
                 return Retry(f"no Stripe customer known for {subject} (yet)")
@@ -191,18 +195,10 @@ class UsageHandler:
             timestamp = event.timestamp or result.at
             if event.timestamp is None:  # the time of the Redis step: a retry weeks later can pass 35 days
                 _check_timestamp(timestamp, int(time.time()))
-            identifier = meter_identifier(subject, name, key)
             send = partial(self._send, meter, customer, metered_value, identifier, timestamp, key)
             ttl = int(self._options.dedup_ttl)
             await self._once.run_once(subject, step, send, lease=self._lease, ttl=ttl)
         return ACK
-
-    async def _meter_sent(self, subject: str, step: str, key: str, consume: bool) -> bool:
-        """Whether the Stripe step of this event is done (for seed 001, also under the step's
-        name of before keys were scoped by entitlement)."""
-        if await self._once.done(subject, step):
-            return True
-        return consume and await self._once.done(subject, f"meter:{key}")
 
     async def _send(self, meter: str, customer: str, value: int, identifier: str, timestamp: int, key: str) -> None:
         """Report one meter event; Stripe already holding this identifier counts as sent."""

@@ -25,10 +25,10 @@ def grant(key: str, start: int, limit: int = 10) -> Grant:
 
 
 async def apply(ledger: SubscriptionLedger, subject: str, version: int, grants: list[Grant], start: int,
-                subscription: str = "sub_1", status: str = "active") -> bool:  # fmt: skip
+                subscription: str = "sub_1", status: str = "active", created: int = 0) -> bool:  # fmt: skip
     return await ledger.apply_subscription(
         subject, version=version, subscription_id=subscription, status=status, active=status == "active",
-        period_start=start, period_end=start + MONTH, interval="month", grants=grants,
+        period_start=start, period_end=start + MONTH, interval="month", grants=grants, created=created,
     )  # fmt: skip
 
 
@@ -82,3 +82,25 @@ async def test_a_subscription_event_older_than_a_renewal_keeps_the_renewals_peri
     assert (entitlement["period_start"], entitlement["used"]) == (str(new), str(7 * MICROS))
     assert entitlement["limit"] == str(12 * MICROS)  # the event's grant still applies
     assert await redis.hget(key("period", tag=subject), "start") == str(new).encode()  # the billing period too
+
+
+async def test_a_new_subscription_and_the_old_ones_cancellation_in_any_order(redis):
+    """From the review of issue 24: one version per subject dropped a new subscription whose
+    creation arrived after the old one's (later) deletion, and let a late update of the old
+    subscription take the subject back from the new one."""
+    ledger, usage = SubscriptionLedger(redis, Unguarded("redis")), UsageLedger(redis, Unguarded("redis"))
+    subject, start = unique("ws"), int(time.time())
+    await apply(ledger, subject, 50, [grant("OLD", start)], start, subscription="sub_old", created=40)
+    # the old one deleted at 102, the new one (created at 100) arrives after it
+    await ledger.deactivate(subject, version=102, subscription_id="sub_old", status="canceled")
+    assert await apply(ledger, subject, 100, [grant("NEW", start)], start, subscription="sub_new", created=100)
+    assert (await usage.entitlement(subject, "NEW"))["active"] == "1"
+    # a late update of the old subscription (before its deletion) never takes the subject back
+    assert not await apply(ledger, subject, 101, [grant("OLD", start)], start, subscription="sub_old", created=40)
+    # nor does an update of another, older live subscription
+    assert not await apply(ledger, subject, 105, [grant("OLD", start)], start, subscription="sub_other", created=60)
+    assert (await usage.entitlement(subject, "NEW"))["active"] == "1"
+    assert (await usage.entitlement(subject, "OLD"))["active"] == "0"
+    # the new subscription's own deletion still ends it
+    assert await ledger.deactivate(subject, version=110, subscription_id="sub_new", status="canceled")
+    assert (await usage.entitlement(subject, "NEW"))["active"] == "0"

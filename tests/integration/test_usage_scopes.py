@@ -4,6 +4,8 @@ misconfigured holds usage instead of dead-lettering it."""
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import pytest
 from structlog.testing import capture_logs
@@ -111,3 +113,35 @@ async def test_a_meter_stripe_does_not_have_holds_its_events_uncounted(amqp, red
     assert [e["event_name"] for e in stripe_double.meter_events] == ["whatsapp_messages"]
     missing = [e for e in logs if e["event"] == "Stripe meter missing: meter events held"]
     assert missing and "create or reactivate it in Stripe" in missing[0]["detail"]
+
+
+async def test_step_names_do_not_collide_and_an_earlier_billingds_record_keeps_its_identifier(
+    amqp, redis, stripe_double
+):
+    """From the review of issue 24: `meter:{name}:{key}` let entitlement `ai` with key `credits:1`
+    and entitlement `ai:credits` with key `1` share one Stripe step (the second never billed); and
+    an event applied by an earlier billingd (its record has no `scope`) whose Stripe step had not
+    been marked done must keep the bare-key identifier it may already have reached Stripe with."""
+    ledger = UsageLedger(redis, Unguarded("redis"))
+    user, old_user = unique("user"), unique("user")
+    for subject in (user, old_user):
+        for name in ("ai", "ai:credits"):
+            await month_entitlement(ledger, subject, name, 10)
+        await ledger.set_customer(subject, "cus_steps")
+    # an earlier billingd's record of old_user's event "legacy-1": Redis step done, Stripe step not
+    legacy = {"applied": 1, "period": 0, "at": int(time.time()) - 60}
+    await redis.hset(f"billingd:usage-event:{{{old_user}}}:legacy-1", mapping=legacy)
+    source = amqp.track(amqp_source("usage"))
+    meters = {"ai": "ai_credits", "ai:credits": "ai_credits"}
+    events = [
+        {"userId": user, "entitlementKey": "ai", "amount": 1, "idempotencyKey": "credits:1"},
+        {"userId": user, "entitlementKey": "ai:credits", "amount": 1, "idempotencyKey": "1"},
+        {"userId": old_user, "entitlementKey": "ai", "amount": 1, "idempotencyKey": "legacy-1"},
+    ]
+    async with running(settings_for(source, stripe_double, meters=meters)) as daemon:
+        for i, event in enumerate(events):
+            await amqp.publish(source["exchange"], "usage", event, message_id=f"s-{i}")
+        await wait_for(lambda: processed(daemon, source, "ack") == 3, what="acked")
+    identifiers = sorted(e["identifier"] for e in stripe_double.meter_events)
+    assert identifiers == sorted([meter_id(events[0]), meter_id(events[1]), "legacy-1"])
+    assert (await ledger.entitlement(old_user, "ai"))["used"] == "0"  # the earlier billingd's duplicate

@@ -13,8 +13,11 @@ Every write carries a version — the `created` second of the Stripe event — a
 than the stored version changes nothing, so events arriving out of order never roll state back.
 Three rules close the holes seconds leave (issue 24, item 9):
 
-* a deleted subscription never comes back from an event that is not newer: an update of the same
-  subscription in the same second as its deletion changes nothing;
+* a deleted subscription never comes back from an event that is not newer (`ended:<id>` keeps
+  each subscription's deletion): an update in the same second as its deletion changes nothing;
+* one subscription holds a subject at a time: an event of another subscription takes over only
+  when that one was created later than the current one, or the current one ended (a customer
+  moving to a new subscription and cancelling the old, in any order of the events);
 * the read of the keys to grant or deactivate and the write are one step: each script checks the
   keys it was given are still the stored ones, else the client reads again (two events of one
   subject on two replicas cannot leave an entitlement active after a cancellation);
@@ -39,18 +42,25 @@ from billingd.clients.ledger.scripts import Script
 # read-decide-write is one atomic step even across replicas.
 _APPLY = Script.of("""
 local version = tonumber(ARGV[1])
-local cur = redis.call('HMGET', KEYS[1], 'version', 'ended', 'subscription', 'keys')
-local stored = tonumber(cur[1] or '-1')
-if version < stored or (version == stored and cur[2] == '1' and cur[3] == ARGV[3]) then return 0 end
+local cur = redis.call('HMGET', KEYS[1], 'version', 'ended', 'subscription', 'keys', 'created')
+local ended = redis.call('HGET', KEYS[1], 'ended:' .. ARGV[3])
+if ended and version <= tonumber(ended) then return 0 end  -- deleted: never back from an event not newer
+if cur[3] and cur[3] ~= '' and cur[3] ~= ARGV[3] then
+  -- another subscription holds the subject: an older one (created earlier) never displaces a live one
+  if cur[2] ~= '1' and tonumber(ARGV[10]) < tonumber(cur[5] or '0') then return 0 end
+elseif version < tonumber(cur[1] or '-1') then
+  return 0
+end
 if (cur[4] or '') ~= ARGV[#ARGV] then return -1 end
 local n = tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'version', ARGV[1], 'subscription', ARGV[3], 'status', ARGV[4], 'keys', ARGV[5], 'ended', 0)
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'subscription', ARGV[3], 'status', ARGV[4], 'keys', ARGV[5], 'ended', 0,
+           'created', ARGV[10])
 if tonumber(ARGV[7]) >= tonumber(redis.call('HGET', KEYS[2], 'start') or '-1') then
   redis.call('HSET', KEYS[1], 'period_start', ARGV[7], 'period_end', ARGV[8], 'interval', ARGV[9])
   redis.call('HSET', KEYS[2], 'start', ARGV[7], 'end', ARGV[8], 'interval', ARGV[9])
 end
 for i = 1, n do
-  local k, b = KEYS[2 + i], 9 + (i - 1) * 5
+  local k, b = KEYS[2 + i], 10 + (i - 1) * 5
   local e = redis.call('HMGET', k, 'period_start', 'period_end', 'used', 'period')
   local start, stop, used = ARGV[b + 3], ARGV[b + 4], e[3] or '0'
   if e[1] ~= start then
@@ -69,9 +79,13 @@ return 1
 
 _DEACTIVATE = Script.of("""
 local version = tonumber(ARGV[1])
+if ARGV[4] == '1' then
+  local ended = tonumber(redis.call('HGET', KEYS[1], 'ended:' .. ARGV[2]) or '-1')
+  if version > ended then redis.call('HSET', KEYS[1], 'ended:' .. ARGV[2], ARGV[1]) end
+end
 local cur = redis.call('HMGET', KEYS[1], 'version', 'subscription', 'keys')
-if version < tonumber(cur[1] or '-1') then return 0 end
 if cur[2] and cur[2] ~= '' and cur[2] ~= ARGV[2] then return 0 end  -- another subscription's end
+if version < tonumber(cur[1] or '-1') then return 0 end
 if (cur[3] or '') ~= ARGV[#ARGV] then return -1 end
 redis.call('HSET', KEYS[1], 'version', ARGV[1], 'subscription', ARGV[2], 'status', ARGV[3], 'ended', ARGV[4])
 for i = 2, #KEYS do redis.call('HSET', KEYS[i], 'active', 0, 'version', ARGV[1]) end
@@ -143,18 +157,20 @@ class SubscriptionLedger(RedisLedger):
         period_end: int,
         interval: str,
         grants: Sequence[Grant],
+        created: int = 0,
     ) -> bool:
         """Replace the subject's entitlements with `grants` (active or not); keys it no longer
-        grants are deactivated. Usage is kept for an entitlement whose period is unchanged (or
-        already moved on by a renewal). Returns False when a newer version is stored (nothing
-        changed).
+        grants are deactivated. `created` is the subscription's own creation time: one created
+        before the subject's current, live subscription never displaces it. Usage is kept for an
+        entitlement whose period is unchanged (or already moved on by a renewal). Returns False
+        when a newer version is stored (nothing changed).
 
         Raises:
             Busy: other events of the subject kept changing its keys (retried, uncounted).
         """
         names = [g.key for g in grants]
         args: list[object] = [version, len(grants), subscription_id, status, msgspec.json.encode(names), int(active),
-                              period_start, period_end, interval]  # fmt: skip
+                              period_start, period_end, interval, created]  # fmt: skip
         for g in grants:
             args += [-1 if g.limit is None else g.limit, g.period, g.start, g.end, int(g.tracked)]
 

@@ -39,12 +39,12 @@ _APPLY = """
 local idem, counter, ent, period = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, name, amount, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('HEXISTS', idem, 'applied') == 1 then
-  local r = redis.call('HMGET', idem, 'period', 'at')
-  return {'duplicate', r[1] or '', r[2] or ''}
+  local r = redis.call('HMGET', idem, 'period', 'at', 'scope')
+  return {'duplicate', r[1] or '', r[2] or '', r[3] and '0' or '1'}
 end
 if KEYS[5] and redis.call('HEXISTS', KEYS[5], 'applied') == 1 and redis.call('HEXISTS', KEYS[5], 'scope') == 0 then
   local r = redis.call('HMGET', KEYS[5], 'period', 'at')  -- written before seed-001 keys were scoped
-  return {'duplicate', r[1] or '', r[2] or ''}
+  return {'duplicate', r[1] or '', r[2] or '', '1'}
 end
 local start
 if mode == 'consume' then
@@ -124,6 +124,9 @@ class UsageResult:
     at: int = 0
     used: int = 0
     limit: int = 0
+    legacy: bool = False
+    """A duplicate whose record an earlier billingd wrote (before keys and identifiers were
+    scoped): its Stripe step goes by the names of then."""
 
 
 class UsageLedger(RedisLedger):
@@ -166,7 +169,9 @@ class UsageLedger(RedisLedger):
         status = Applied(reply[0].decode())
         if status is Applied.OVER_LIMIT:
             return UsageResult(status, used=int(reply[1]), limit=int(reply[2]))
-        if status in (Applied.APPLIED, Applied.DUPLICATE):
+        if status is Applied.DUPLICATE:
+            return UsageResult(status, int(reply[1] or 0), at=int(reply[2] or now), legacy=reply[3] == b"1")
+        if status is Applied.APPLIED:
             return UsageResult(status, int(reply[1] or 0), at=int(reply[2] or now))
         return UsageResult(status)
 
