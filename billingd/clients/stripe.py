@@ -43,6 +43,7 @@ import structlog
 
 from billingd.clients.errors import CALL_TARGET, DownstreamRejected, DownstreamUnavailable, Guard, Throttled
 from billingd.clients.keyed import KeyedLocks
+from billingd.clients.stripe_ids import idempotency_key
 from billingd.clients.stripe_meters import MeterCatalogue
 from billingd.clients.stripe_stream import MeterSession, MeterStream, SessionExpired, is_session_expired
 from billingd.config.model import StripeSettings
@@ -241,6 +242,53 @@ class StripeGateway:
         """Merge `metadata` into an invoice's metadata."""
         method = self._client.v1.invoices.update_async
         return await self._on(method, invoice_id, {"metadata": metadata}, idempotency_key)
+
+    # -- reconciliation ----------------------------------------------------------------------
+
+    async def event_summaries(
+        self, meter_id: str, customer: str, start: int, end: int
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Stripe's hourly totals of meter `meter_id` for `customer` over `[start, end)` (Unix
+        seconds, whole hours): `GET /v1/billing/meters/{id}/event_summaries` with
+        `value_grouping_window = hour`, every page of 100; returns them and the requests made.
+
+        Raises: as `call`."""
+        summaries: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"customer": customer, "start_time": start, "end_time": end,
+                                  "value_grouping_window": "hour", "limit": 100}  # fmt: skip
+        method = self._client.v1.billing.meters.event_summaries.list_async
+        requests = 0
+        while True:
+            page = await self._on(method, meter_id, params, None)
+            requests += 1
+            data = page.get("data") or []
+            summaries += data
+            if not page.get("has_more") or not data:
+                return summaries, requests
+            params = {**params, "starting_after": data[-1]["id"]}
+
+    async def correct_meter(self, event_name: str, customer: str, value: int, identifier: str, timestamp: int) -> None:
+        """Send one corrective meter event (`value` may be negative) through `POST
+        /v1/billing/meter_events`; Stripe already holding `identifier` counts as sent.
+
+        Raises: as `call`."""
+        params = {"event_name": event_name, "identifier": identifier, "timestamp": timestamp,
+                  "payload": {"stripe_customer_id": customer, "value": str(value)}}  # fmt: skip
+        method = self._client.v1.billing.meter_events.create_async
+        try:
+            await self.call(method, params, idempotency_key("correct", identifier), kind="meter_events")
+        except MeterEventExists as exc:
+            if exc.identifier != identifier:
+                raise
+
+    async def cancel_meter_event(self, event_name: str, identifier: str) -> None:
+        """Cancel a meter event Stripe received within the last 24 hours (`POST
+        /v1/billing/meter_event_adjustments`, `type = cancel`).
+
+        Raises: as `call`."""
+        params = {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}}
+        method = self._client.v1.billing.meter_event_adjustments.create_async
+        await self.call(method, params, idempotency_key("cancel", identifier))
 
     # -- meters ------------------------------------------------------------------------------
 

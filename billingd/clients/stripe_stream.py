@@ -159,6 +159,13 @@ class MeterStream:
         finally:
             batch.done.set()
 
+    async def post(self, events: list[dict[str, Any]]) -> None:
+        """Send `events` (at most 100) as one stream request now — the meter outbox's own batches —
+        within the budget, with the session token (renewed once when it expired).
+
+        Raises: as `send`."""
+        await self._request(events)
+
     async def _request(self, events: list[dict[str, Any]]) -> None:
         await self._before()
         token = await self._session.token()

@@ -156,6 +156,17 @@ class StripeSettings(_Section, frozen=True):
     meter_linger: Duration = Duration(0.02)
     max_requests_per_second: RequestRate | StripeBudgets = field(default_factory=StripeBudgets)
     max_wait: Duration = Duration(10)
+    meter_delivery: Literal["outbox", "inline"] = "outbox"
+    """`outbox`: a usage event's meter event is written into a Redis outbox by the same script
+    as its usage effect, its message acked at once, and a sender per process streams the
+    outboxes to Stripe; `inline`: each message waits for its own Stripe request before its ack."""
+    max_outbox_age: Duration = Duration(3600)
+    """Past this age of the oldest waiting meter event, `usage` intake pauses (0: never)."""
+    outbox_shards: Annotated[int, Meta(ge=1, le=1024)] = 16
+    """Outbox shards: the units one process leases and drains (and another takes over)."""
+    outbox_on_volatile_redis: bool = False
+    """Allow the outbox on a Redis with neither persistence nor replicas (`billingd check`
+    refuses it otherwise: a restart of that Redis loses every meter event not yet sent)."""
 
     @property
     def meter_events_url(self) -> str:
@@ -187,6 +198,24 @@ class StripeSettings(_Section, frozen=True):
             kind = "basic"
         value = getattr(table, kind)
         return kind, float(value if value is not None else defaults[kind])
+
+
+class ReconcileSettings(_Section, frozen=True):
+    """`[reconcile]`: proving Stripe's meter totals against billingd's journal (DESIGN §10)."""
+
+    interval: Duration = Duration(3600)
+    """How often the daemon reconciles (one replica at a time, under a Redis lease); 0: never."""
+    window: Duration = Duration(48 * 3600)
+    """How far back each periodic run looks."""
+    settle: Duration = Duration(3600)
+    """How long after an hour ends it is compared: Stripe's summaries are eventually consistent."""
+    keep: Duration = Duration(45 * 86400)
+    """How long the journal (and the corrections) are kept: at least 35 days + the invoice grace."""
+    fix: bool = False
+    """Whether the periodic run corrects what it finds (`billingd reconcile --fix` always can)."""
+    correct_within: Duration = Duration(72 * 3600)
+    """A customer whose billing period billingd does not know counts as open for buckets younger
+    than this (Stripe's longest invoice grace period)."""
 
 
 class RazorpaySettings(_Section, frozen=True):
@@ -309,6 +338,7 @@ class Settings(_Section, frozen=True):
     redis: RedisSettings = field(default_factory=RedisSettings)
     stripe: StripeSettings = field(default_factory=StripeSettings)
     razorpay: RazorpaySettings = field(default_factory=RazorpaySettings)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     breakers: dict[BreakerName, BreakerSettings] = field(default_factory=dict)
     sources: list[AnySource] = field(default_factory=list)
 

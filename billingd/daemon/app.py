@@ -153,6 +153,7 @@ class Daemon:
                 if self.handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._announce)
+                tg.start_soon(self._metering)
                 await self.supervisor.run([self.child(s) for s in self.settings.sources])
                 if self.supervisor.escalated:
                     self.exit_code = EXIT_SOFTWARE
@@ -168,6 +169,14 @@ class Daemon:
             self.stopped.set()
         log.info("billingd stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    async def _metering(self) -> None:
+        """The meter outbox sender and the periodic reconciliation (`billingd.metering`), for
+        the settings the daemon started with (a reload changes the sources, not these)."""
+        from billingd.metering.service import run_metering, wants_sender
+
+        if wants_sender(self.settings):
+            await run_metering(self.settings, self.clients, self.metrics, self.board.get("stripe-outbox").hold_open)
 
     async def _announce(self) -> None:
         """READY=1 once every actor has made its first connection attempt; then STATUS= lines

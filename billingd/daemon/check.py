@@ -130,10 +130,16 @@ async def _sqs_retention(source: SqsSourceSettings) -> float:
 
 
 async def redis_warnings(settings: Settings, within: float = 3.0) -> list[str]:
-    """Warnings about the ledger's durability: a Redis (the node `[redis].url` names, or the
-    sentinels' master) with neither persistence (`appendonly`, `save`) nor a replica loses the
-    ledger — every idempotency record and counter — when it restarts; fewer replicas than
-    `min_replicas_acked` means nothing can be acked."""
+    """Warnings about the ledger's durability (see `redis_durability`)."""
+    return (await redis_durability(settings, within))[0]
+
+
+async def redis_durability(settings: Settings, within: float = 3.0) -> tuple[list[str], bool]:
+    """`(warnings, volatile)` about the ledger's durability: a Redis (the node `[redis].url`
+    names, or the sentinels' master) with neither persistence (`appendonly`, `save`) nor a replica
+    (`volatile`) loses the ledger — every idempotency record, counter and meter event waiting in
+    the outbox — when it restarts; fewer replicas than `min_replicas_acked` means nothing can be
+    acked."""
     from billingd.clients.redis import connect_redis
 
     client = connect_redis(settings.redis)
@@ -147,11 +153,12 @@ async def redis_warnings(settings: Settings, within: float = 3.0) -> list[str]:
             except Exception:  # noqa: BLE001 — managed Redis often disables CONFIG
                 appendonly, save = "unknown", "unknown"
     except Exception as exc:  # noqa: BLE001 — a check reports what it could not read
-        return [f"  redis: could not check its persistence and replicas ({type(exc).__name__}: {exc})"[:300]]
+        return [f"  redis: could not check its persistence and replicas ({type(exc).__name__}: {exc})"[:300]], False
     finally:
         await client.aclose()
     warnings = []
-    if appendonly in ("no", b"no") and save in ("", b"") and replicas == 0:
+    volatile = appendonly in ("no", b"no") and save in ("", b"") and replicas == 0
+    if volatile:
         warnings.append(
             "  redis: a restart of Redis loses the ledger: it has neither persistence (appendonly, save) nor "
             "replicas; turn on appendonly yes, or run it with a replica (and [redis] min_replicas_acked = 1)"
@@ -161,7 +168,7 @@ async def redis_warnings(settings: Settings, within: float = 3.0) -> list[str]:
             f"  redis: min_replicas_acked = {settings.redis.min_replicas_acked} but the master has {replicas} "
             "replica(s) connected: no message can be acked until enough replicas are"
         )
-    return warnings
+    return warnings, volatile
 
 
 async def stripe_meter_check(settings: Settings, within: float = 10.0) -> tuple[list[str], list[str]]:

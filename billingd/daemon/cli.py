@@ -1,4 +1,4 @@
-"""The `billingd` command: `run`, `check`, `version`, `dlq list|replay`, `publish`.
+"""The `billingd` command: `run`, `check`, `version`, `dlq list|replay`, `publish`, `reconcile`, `meters`.
 
 Exit codes: `billingd.daemon.exits`.
 """
@@ -15,10 +15,11 @@ import anyio
 from billingd import __version__
 from billingd.config import ConfigError
 from billingd.daemon.app import Daemon
-from billingd.daemon.check import broker_warnings, describe, redis_warnings, stripe_meter_check
+from billingd.daemon.check import broker_warnings, describe, redis_durability, stripe_meter_check
 from billingd.daemon.exits import EXIT_CONFIG, EXIT_FORCED
 from billingd.daemon.logging import configure_logging
 from billingd.daemon.loop import loop_options
+from billingd.daemon.metering_cli import add_metering_commands, run_metering_tool
 from billingd.daemon.notify import Notifier
 from billingd.daemon.tools_cli import add_commands, run_tool
 from billingd.daemon.validation import validate
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
             )
     commands.add_parser("version", help="print the version")
     add_commands(commands, CONFIG_HELP)
+    add_metering_commands(commands, CONFIG_HELP)
     return parser
 
 
@@ -61,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.config or default_config_path()
     if args.command in ("dlq", "publish"):
         return run_tool(args, path)
+    if args.command in ("reconcile", "meters"):
+        return run_metering_tool(args, path)
     try:
         settings = validate(path)
     except ConfigError as exc:
@@ -91,11 +95,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("warnings (idempotency records vs. how long a message can wait):")
             for line in warnings:
                 print(line)
-        durability = [] if args.offline else anyio.run(redis_warnings, settings, backend="asyncio")
+        durability, volatile = ([], False) if args.offline else anyio.run(redis_durability, settings, backend="asyncio")
         if durability:
             print("warnings (the ledger's durability):")
             for line in durability:
                 print(line)
+        from billingd.metering.service import wants_sender
+
+        if volatile and wants_sender(settings) and not settings.stripe.outbox_on_volatile_redis:
+            print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
+            print(
+                "  stripe.meter_delivery: the meter outbox lives in Redis, and this Redis has neither persistence nor "
+                "replicas: a restart loses every meter event not yet sent. Turn on appendonly, add a replica, use "
+                'meter_delivery = "inline", or set stripe.outbox_on_volatile_redis = true to accept it',
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
         return 0
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
     try:

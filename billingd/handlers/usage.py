@@ -49,6 +49,7 @@ import structlog
 
 from billingd.clients.ledger import Applied, OnceLedger, UsageLedger
 from billingd.clients.ledger.base import LEDGER_MAX
+from billingd.clients.ledger.outbox import OutboxEvent, OutboxLedger, encode
 from billingd.clients.stripe_ids import meter_identifier
 from billingd.config.durations import Duration
 from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message, OptionalId
@@ -114,7 +115,11 @@ class UsageHandler:
         options: UsageOptions,
         duplicates: SourceCounter | None = None,
         max_wait: float = 10.0,
+        outbox: OutboxLedger | None = None,
+        shards: int = 16,
     ) -> None:
+        self._outbox = outbox
+        self._shards = shards
         self._ledger = ledger
         self._once = once
         self._stripe = stripe
@@ -125,7 +130,8 @@ class UsageHandler:
         # outlives one Stripe step: waits for a call in flight, a lease and a budget slot, then the
         # call (and a session renewal)
         self._lease = 3 * max_wait + 2 * stripe.timeout + 5 if stripe is not None else 30.0
-        self.downstreams: tuple[str, ...] = ("redis", "stripe") if meters else ("redis",)
+        stripe_side = "stripe-outbox" if outbox is not None else "stripe"  # what holds the meter events up
+        self.downstreams: tuple[str, ...] = ("redis", stripe_side) if meters else ("redis",)
 
     async def handle(self, message: Message) -> Outcome:
         """Apply one usage event (see module docstring)."""
@@ -161,8 +167,14 @@ class UsageHandler:
                     'not applied; map it, or set handler_options.unmapped = "count"'
                 )
             self._meters.unmetered(name)
+        now = int(time.time())
+        customer = (event.stripe_customer_id or await self._ledger.customer(subject)) if meter else None
+        queued = None
+        if meter and self._outbox is not None and customer and _CUSTOMER_ID.match(customer):
+            entry = OutboxEvent(meter, customer, metered_value, event.timestamp or now, key, now)
+            queued = (meter_identifier(subject, name, key), encode(entry))
         result = await self._ledger.apply(
-            subject, name, micros, key, consume=consume, now=int(time.time()), dedup_ttl=int(self._options.dedup_ttl)
+            subject, name, micros, key, consume=consume, now=now, dedup_ttl=int(self._options.dedup_ttl), outbox=queued
         )
         if result.status is Applied.MISSING:
             return Retry(f"no entitlement {name} for {subject} (yet)")
@@ -180,24 +192,40 @@ class UsageHandler:
                 f"over the limit of {name} for {subject}: {_units(result.used)} used + {quantity} "
                 f"> {_units(result.limit)}"
             )
+        if not meter:
+            return ACK
         if result.legacy:  # applied by an earlier billingd: its Stripe step had the names of then
             step, identifier = f"meter:{key}", key
         else:
             step = f"meter:{len(name)}:{name}:{key}" if consume else f"meter:{key}"  # scoped as the key is
             identifier = meter_identifier(subject, name, key)
-        if meter and not await self._once.done(subject, step):
-            customer = event.stripe_customer_id or await self._ledger.customer(subject)
-            if not customer:
-                return Retry(f"no Stripe customer known for {subject} (yet)")
-            if not _CUSTOMER_ID.match(customer):  # the mapping's (from Stripe's own events)
-                reason = f"{customer[:80]!r} is not a Stripe customer id (cus_…): counted in Redis, not billed"
-                return DeadLetter(reason)
-            timestamp = event.timestamp or result.at
-            if event.timestamp is None:  # the time of the Redis step: a retry weeks later can pass 35 days
-                _check_timestamp(timestamp, int(time.time()))
-            send = partial(self._send, meter, customer, metered_value, identifier, timestamp, key)
-            ttl = int(self._options.dedup_ttl)
-            await self._once.run_once(subject, step, send, lease=self._lease, ttl=ttl)
+        if (queued is not None and result.status is Applied.APPLIED) or result.outboxed:
+            return await self._indexed(subject, now, True)  # its meter event is in the outbox
+        if await self._once.done(subject, step):
+            return ACK  # sent inline, by this billingd or an earlier one
+        if not customer:
+            return Retry(f"no Stripe customer known for {subject} (yet): counted in Redis, not yet billed")
+        if not _CUSTOMER_ID.match(customer):  # the mapping's (from Stripe's own events)
+            return DeadLetter(f"{customer[:80]!r} is not a Stripe customer id (cus_…): counted in Redis, not billed")
+        timestamp = event.timestamp or result.at
+        if event.timestamp is None:  # the time of the Redis step: a retry weeks later can pass 35 days
+            _check_timestamp(timestamp, int(time.time()))
+        if self._outbox is not None:
+            if queued is None or result.status is Applied.DUPLICATE:  # the Redis step went without it
+                late = encode(OutboxEvent(meter, customer, metered_value, timestamp, key, now))
+                await self._ledger.enqueue_late(
+                    subject, name, key, consume=consume, legacy=result.legacy, outbox=(identifier, late)
+                )
+            return await self._indexed(subject, now, True)
+        send = partial(self._send, meter, customer, metered_value, identifier, timestamp, key)
+        ttl = int(self._options.dedup_ttl)
+        await self._once.run_once(subject, step, send, lease=self._lease, ttl=ttl)
+        return ACK
+
+    async def _indexed(self, subject: str, now: int, queued: bool) -> Outcome:
+        """Ack, once the subject's outbox is named in its shard's index (when it holds the event)."""
+        if queued and self._outbox is not None:
+            await self._outbox.index(subject, now, self._shards)
         return ACK
 
     async def _send(self, meter: str, customer: str, value: int, identifier: str, timestamp: int, key: str) -> None:
@@ -299,9 +327,11 @@ def _build(ctx: HandlerContext, options: UsageOptions) -> UsageHandler:
     duplicates = SourceCounter(ctx.metrics.stripe_duplicates, ctx.source.name)
     clients = ctx.clients
     stripe = clients.stripe if meters else None
+    outbox = clients.outbox if meters and ctx.stripe.meter_delivery == "outbox" else None
     return UsageHandler(
-        clients.usage_ledger, clients.once, stripe, meters, options, duplicates, float(ctx.stripe.max_wait)
-    )
+        clients.usage_ledger, clients.once, stripe, meters, options, duplicates, float(ctx.stripe.max_wait),
+        outbox, ctx.stripe.outbox_shards,
+    )  # fmt: skip
 
 
 SPEC = HandlerSpec("usage", UsageOptions, _build, "entitlements, usage counters, Stripe meters (seeds 001, 004)")

@@ -204,6 +204,19 @@ class CircuitBreaker:
         if self._on_change is not None:
             self._on_change(self)
 
+    # -- held open from outside ----------------------------------------------------------------
+
+    def hold_open(self, seconds: float) -> None:
+        """Keep the breaker open for `seconds` from now (a downstream billingd itself knows is
+        behind, e.g. the meter outbox past `max_outbox_age`); 0 closes it again."""
+        if seconds > 0:
+            self.open_until = anyio.current_time() + seconds
+            if self.state is not BreakerState.OPEN:
+                self.last_failure = "held open"
+                self._set(BreakerState.OPEN)
+        elif self.state is BreakerState.OPEN:
+            self._set(BreakerState.CLOSED)
+
     # -- what sources ask --------------------------------------------------------------------
 
     @property

@@ -102,6 +102,46 @@ class Metrics:
         self.stripe_rate_limited = self.counter(
             "billingd_stripe_rate_limited", "Stripe requests answered 429, by API.", ["api"]
         )
+        # the meter outbox and reconciliation (DESIGN §10)
+        self.outbox_events = Gauge(
+            "billingd_meter_outbox_events",
+            "Meter events waiting in the outbox (every shard: the same on every replica).",
+            registry=r,
+        )
+        self.outbox_oldest = Gauge(
+            "billingd_meter_outbox_oldest_seconds", "Age of the oldest meter event waiting in the outbox.", registry=r
+        )
+        self.outbox_held_total = Counter(
+            "billingd_meter_outbox_held",
+            "Meter events held out of the stream for finance (older than Stripe's window, refused by Stripe).",
+            registry=r,
+        )
+        self.outbox_sent = Counter(
+            "billingd_meter_outbox_sent", "Meter events Stripe accepted from this replica's outbox sender.", registry=r
+        )
+        self.meter_drift = Gauge(
+            "billingd_meter_drift_units",
+            "The absolute differences between billingd's journal and Stripe's summaries, summed over the "
+            "closed hours of the last reconciliation, by meter.",
+            ["meter"],
+            registry=r,
+        )
+        self.meter_corrections = Counter(
+            "billingd_meter_corrections",
+            "Corrections of meter drift, by meter and kind (event, negative, cancel, credit_note).",
+            ["meter", "kind"],
+            registry=r,
+        )
+        self.reconcile_runs = Counter(
+            "billingd_reconcile_runs", "Reconciliation runs, by result (ok, error).", ["result"], registry=r
+        )
+        self.reconcile_success = Gauge(
+            "billingd_reconcile_last_success_timestamp_seconds",
+            "When the last reconciliation run succeeded (Unix seconds).",
+            registry=r,
+        )
+        for result in ("ok", "error"):
+            self.reconcile_runs.labels(result)
 
     def counter(self, name: str, documentation: str, labels: Sequence[str]) -> Counter:
         """A counter on this registry, created once however many handlers ask for it (the

@@ -24,6 +24,8 @@ observed to answer):
   reported by `error_report_event()` as a `v1.billing.meter.error_report_triggered` v2 event; a
   repeated identifier is dropped silently;
 * every request waits `latency` seconds (Stripe answers in 100–300 ms);
+* meter event summaries, cancellations, and the stream's fault modes (refused later with sample
+  identifiers, dropped, another producer's events): `tests.doubles.stripe_meters`;
 * objects (`products`, `customers`, `invoices`) are retrieved by id (404 `resource_missing`
   otherwise); `POST /v1/invoices/{id}/pay` with `paid_out_of_band=true` pays an open invoice
   (setting `status_transitions.paid_at`) and refuses one already paid (400 "Invoice is already
@@ -47,6 +49,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from tests.doubles.server import Double, Recorded
+from tests.doubles.stripe_meters import MeterBook
 
 #: The meters a new double's account has: those of billingd.toml and the tests.
 DEFAULT_METERS = ("ai_credits", "whatsapp_messages", "email_sends", "ai_tutor_uses")
@@ -123,6 +126,8 @@ class StripeDouble(Double):
         for name in DEFAULT_METERS if meters is None else meters:
             self.add_meter(name)
         self.meter_events: list[dict[str, Any]] = []
+        self.book = MeterBook(self.meter_events)
+        """Summaries, cancellations and the stream's fault modes (`tests.doubles.stripe_meters`)."""
         self.objects: dict[str, dict[str, dict[str, Any]]] = {"products": {}, "customers": {}, "invoices": {}}
         self.payments: list[str] = []
         """Invoice ids paid out of band, one entry per payment Stripe actually made."""
@@ -148,6 +153,8 @@ class StripeDouble(Double):
         """The next this many `POST /v1/invoices/{id}/pay` calls pay the invoice and keep their
         answer under the idempotency key, but the reply is lost on its way back (the client sees
         a 500)."""
+        self.stream_failures: list[int] = []
+        """Statuses the next stream requests are answered with (before anything is recorded)."""
         self.pay_429s = 0
         """The next this many pay calls are answered 429 (before the idempotency layer: nothing happens)."""
         self.saved_500s = 0
@@ -248,6 +255,8 @@ class StripeDouble(Double):
         app.router.add_post("/v2/billing/meter_event_stream", self._stream)
         app.router.add_get("/v2/core/events/{id}", self._v2_event)
         app.router.add_get("/v1/billing/meters", self._list_meters)
+        app.router.add_get("/v1/billing/meters/{id}/event_summaries", self._summaries)
+        app.router.add_post("/v1/billing/meter_event_adjustments", self._adjustment)
         app.router.add_get("/v1/{resource}/{id}", self._retrieve)
         app.router.add_post("/v1/invoices/{id}/pay", self._pay)
         app.router.add_post("/v1/invoices/{id}", self._update_invoice)
@@ -280,6 +289,24 @@ class StripeDouble(Double):
             meters = meters[ids.index(after) + 1 :]
         body = {"object": "list", "url": "/v1/billing/meters", "has_more": len(meters) > limit, "data": meters[:limit]}
         return web.json_response(body)
+
+    async def _summaries(self, request: web.Request) -> web.Response:
+        _, early = await self._begin(request)
+        if early is not None:
+            return early
+        meter = next((m for m in self.meter_catalogue.values() if m["id"] == request.match_info["id"]), None)
+        if meter is None:
+            return _error(404, "invalid_request_error", f"No such billing.meter: '{request.match_info['id']}'",
+                          code="resource_missing")  # fmt: skip
+        status, body = self.book.summaries(meter, dict(request.query))
+        return web.json_response(body, status=status)
+
+    async def _adjustment(self, request: web.Request) -> web.Response:
+        form, early = await self._begin(request)
+        if early is not None:
+            return early
+        status, body = self.book.cancel(form)
+        return self._remember(request, form, web.json_response(body, status=status))
 
     async def _retrieve(self, request: web.Request) -> web.Response:
         _, early = await self._begin(request)
@@ -501,6 +528,8 @@ class StripeDouble(Double):
                 code="billing_meter_event_session_expired",
             )
         failure = await self.failure()
+        if failure is None and self.stream_failures:
+            failure = self.error_response(self.stream_failures.pop(0))
         if failure is not None:
             recorded.status = failure.status
             return failure
@@ -525,10 +554,17 @@ class StripeDouble(Double):
             return
         payload = event.get("payload") or {}
         error = _invalid(event, payload, self.known_customers, self.meter_catalogue)
+        fault = self.book.fault() if error is None else None
+        if fault == "refuse":
+            error = ("meter_event_customer_not_found", f"No customer {payload.get('stripe_customer_id')} (injected)")
+            self.book.refused_later.append(event)
         if error is not None:
             self._errors.append((*error, identifier))
             return
         self._identifiers.add(identifier)
+        if fault == "drop":
+            self.book.dropped.append(event)
+            return
         stamp = event.get("timestamp")
         when = int(dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()) if stamp else int(time.time())
         self.meter_events.append(

@@ -17,9 +17,16 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixt
 METERS = {"ai_credits": "ai_credits", "whatsapp_message": "whatsapp_messages", "AI_TUTOR_ACCESS": "ai_tutor_uses"}
 
 
-def settings_for(source, stripe_double, meter_api="stream"):
+def settings_for(source, stripe_double, meter_api="stream", delivery=None):
+    """Settings reporting to the Stripe double; `v1` implies inline delivery (the outbox streams)."""
     stripe = {"api_key": "sk_test_billingd", "api_base": stripe_double.url, "meters": METERS, "timeout": "2s"}
-    return make_settings([source], stripe={**stripe, "meter_api": meter_api})
+    delivery = delivery or ("inline" if meter_api == "v1" else "outbox")
+    return make_settings([source], stripe={**stripe, "meter_api": meter_api, "meter_delivery": delivery})
+
+
+async def recorded(stripe_double, count: int) -> None:
+    """Wait until the double recorded `count` meter events (the outbox sends after the ack)."""
+    await wait_for(lambda: len(stripe_double.meter_events) >= count, timeout=20, what=f"{count} meter events")
 
 
 @pytest.fixture
@@ -77,6 +84,7 @@ async def test_the_same_idempotency_key_twice_counts_once_and_meters_once(sqs, l
     async with running(settings_for(source, stripe_double)) as daemon:
         acked = daemon.metrics.processed.labels(source["name"], "ack")
         await wait_for(lambda: acked._value.get() == 2, timeout=20, what="both acked")
+        await recorded(stripe_double, 1)
     assert (await ledger.entitlement(user, "AI_TUTOR_ACCESS"))["used"] == str(MICROS)
     assert (await ledger.counter(user, "AI_TUTOR_ACCESS"))[0] == MICROS
     [meter] = stripe_double.meter_events
@@ -124,6 +132,7 @@ async def test_seed_004_usage_events_become_one_meter_event_each(sqs, ledger, st
     async with running(settings_for(source, stripe_double, meter_api)) as daemon:
         acked = daemon.metrics.processed.labels(source["name"], "ack")
         await wait_for(lambda: acked._value.get() == 4, timeout=20, what="4 acked")
+        await recorded(stripe_double, 3)
     events = {e["identifier"]: e for e in stripe_double.meter_events}
     assert len(events) == 3
 
@@ -165,7 +174,7 @@ async def test_stripe_down_for_a_while_opens_the_breaker_pauses_and_meters_every
         )
     stripe_double.set_mode("error", 500)
     seen = {"open": False, "paused": False}
-    async with running(settings_for(source, stripe_double)) as daemon:
+    async with running(settings_for(source, stripe_double, delivery="inline")) as daemon:
         breaker, status = daemon.board.get("stripe"), daemon.statuses[source["name"]]
 
         async def watch() -> None:
@@ -208,6 +217,8 @@ async def test_missing_entitlement_is_retried_then_dead_lettered(sqs, stripe_dou
 
 @pytest.mark.parametrize("meter_api", ["stream", "v1"])
 async def test_a_permanent_stripe_refusal_is_dead_lettered_with_stripes_message(sqs, ledger, stripe_double, meter_api):
+    """Inline delivery: the message waits for Stripe's answer (the outbox holds a refused event
+    for finance instead: test_meter_outbox)."""
     url, dlq = await sqs.queue()
     source = sqs_source("usage", url, dlq, sqs.endpoint)
     workspace = unique("ws")
@@ -217,7 +228,7 @@ async def test_a_permanent_stripe_refusal_is_dead_lettered_with_stripes_message(
         url, {"event_type": "whatsapp_message", "workspace_id": workspace, "value": 1, "idempotency_key": "r1"}
     )
     await sqs.send(url, {"event_type": "ai_credits", "workspace_id": workspace, "value": 0.5})  # not whole, no scale
-    async with running(settings_for(source, stripe_double, meter_api)) as daemon:
+    async with running(settings_for(source, stripe_double, meter_api, "inline")) as daemon:
         dead = daemon.metrics.processed.labels(source["name"], "dead_letter")
         await wait_for(lambda: dead._value.get() == 2, timeout=20, what="both dead-lettered")
         await wait_for(lambda: _depth(sqs, dlq, 2), what="2 in the DLQ")
@@ -248,8 +259,9 @@ async def test_a_hanging_stripe_times_out_retries_and_meters_once_when_it_answer
     )
     settings = make_settings(
         [source],
-        stripe={"api_key": "sk_test_billingd", "api_base": stripe_double.url, "meters": METERS, "timeout": "500ms"},
-    )
+        stripe={"api_key": "sk_test_billingd", "api_base": stripe_double.url, "meters": METERS, "timeout": "500ms",
+                "meter_delivery": "inline"},
+    )  # fmt: skip
     async with running(settings) as daemon:
         retries = daemon.metrics.processed.labels(source["name"], "retry")
         await wait_for(lambda: retries._value.get() >= 1, timeout=20, what="a timed-out call retried")

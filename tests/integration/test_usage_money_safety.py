@@ -17,7 +17,7 @@ from tests.support import meter_id, settings_tree, sqs_source, to_toml, unique, 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]
 
 
-async def _usage(sqs, stripe_double, events, *, ack, dead=0, **options):
+async def _usage(sqs, stripe_double, events, *, ack, dead=0, metered=0, **options):
     url, dlq = await sqs.queue()
     source = sqs_source("usage", url, dlq, sqs.endpoint, handler_options=options)
     for event in events:
@@ -29,6 +29,7 @@ async def _usage(sqs, stripe_double, events, *, ack, dead=0, **options):
             processed = daemon.metrics.processed
             await wait_for(lambda: processed.labels(source["name"], "ack")._value.get() == ack, timeout=20, what="ack")
             await wait_for(lambda: processed.labels(source["name"], "dead_letter")._value.get() == dead, what="dead")
+            await wait_for(lambda: len(stripe_double.meter_events) >= metered, what="meter events sent")
             registry = daemon.metrics.registry
             unmetered = {
                 t: registry.get_sample_value(
@@ -54,7 +55,7 @@ async def test_an_unmapped_event_type_is_counted_warned_once_and_never_billed(sq
             "stripe_customer_id": "cus_1",
         }
     ]
-    unmetered, warnings, _ = await _usage(sqs, stripe_double, events, ack=4)
+    unmetered, warnings, _ = await _usage(sqs, stripe_double, events, ack=4, metered=1)
     assert unmetered["email_send"] == 3
     assert len(warnings) == 1 and warnings[0]["event_type"] == "email_send"
     ledger = UsageLedger(redis, Unguarded("redis"))
@@ -83,7 +84,7 @@ async def test_a_dead_letter_replayed_twice_applies_its_redis_step_and_its_meter
     workspace = unique("ws")
     event = {"event_type": "ai_credits", "workspace_id": workspace, "value": 3, "stripe_customer_id": "cus_r"}
     await sqs.send(url, event)
-    settings = settings_for(source, stripe_double)
+    settings = settings_for(source, stripe_double, delivery="inline")  # the message waits for Stripe's answer
     stripe_double.set_mode("error", 400)  # the Stripe step fails for good: dead letter after the Redis step
     async with running(settings) as daemon:
         dead = daemon.metrics.processed.labels(source["name"], "dead_letter")

@@ -21,7 +21,13 @@ pytestmark = [pytest.mark.anyio]
 
 def settings_for(source, stripe_double, **stripe):
     base = {"api_key": "sk_test_billingd", "api_base": stripe_double.url, "meters": METERS, "timeout": "2s"}
+    if stripe.get("meter_api") == "v1":
+        base["meter_delivery"] = "inline"  # the outbox streams
     return make_settings([source], stripe={**base, **stripe})
+
+
+async def recorded(stripe_double, count: int) -> None:
+    await wait_for(lambda: len(stripe_double.meter_events) >= count, timeout=20, what=f"{count} meter events")
 
 
 def processed(daemon, source, outcome):
@@ -45,6 +51,7 @@ async def test_one_key_on_two_entitlements_of_one_user_is_two_events(amqp, redis
         for i, event in enumerate(events):
             await amqp.publish(source["exchange"], "usage", event, message_id=f"m-{i}")
         await wait_for(lambda: processed(daemon, source, "ack") == 3, what="acked")
+        await recorded(stripe_double, 1)
     for name in ("AI_TUTOR_ACCESS", "ACCESS_DASHBOARD"):
         assert (await ledger.entitlement(user, name))["used"] == str(2 * MICROS)
         assert (await ledger.counter(user, name))[0] == 2 * MICROS
@@ -94,9 +101,11 @@ async def test_identical_key_less_bodies_on_amqp_are_refused_not_counted_once(am
                for m in letters)  # fmt: skip
 
 
-async def test_a_meter_stripe_does_not_have_holds_its_events_uncounted(amqp, redis, stripe_double):
+@pytest.mark.parametrize("delivery", ["inline", "outbox"])
+async def test_a_meter_stripe_does_not_have_holds_its_events_uncounted(amqp, redis, stripe_double, delivery):
     """Item 5: an event type mapped to a meter Stripe does not have (or has deactivated) would be
-    refused later as `no_meter` / `archived_meter`: counted, never billed. It waits instead."""
+    refused later as `no_meter` / `archived_meter`: counted, never billed. It waits instead —
+    inline its message is retried, never counted; through the outbox its event waits there."""
     ledger = UsageLedger(redis, Unguarded("redis"))
     workspace = unique("ws")
     await ledger.set_customer(workspace, "cus_meterless")
@@ -104,15 +113,25 @@ async def test_a_meter_stripe_does_not_have_holds_its_events_uncounted(amqp, red
     source = amqp.track(amqp_source("usage", max_attempts=1))
     body = {"event_type": "whatsapp_message", "workspace_id": workspace, "value": 1, "idempotency_key": "w1"}
     with capture_logs() as logs:
-        async with running(settings_for(source, stripe_double)) as daemon:
+        async with running(settings_for(source, stripe_double, meter_delivery=delivery)) as daemon:
             await amqp.publish(source["exchange"], "usage", body, message_id="w1")
-            await wait_for(lambda: processed(daemon, source, "retry") >= 3, timeout=20, what="held, retried")
+            if delivery == "inline":
+                await wait_for(lambda: processed(daemon, source, "retry") >= 3, timeout=20, what="held, retried")
+            else:
+                await wait_for(lambda: processed(daemon, source, "ack") == 1, what="acked into the outbox")
+                await wait_for(lambda: _logged(logs, "Stripe meter missing: meter events held"), what="held")
             assert processed(daemon, source, "dead_letter") == 0  # max_attempts = 1: no attempt was counted
+            assert stripe_double.meter_events == []
             stripe_double.add_meter("whatsapp_messages")  # reactivated in Stripe
-            await wait_for(lambda: processed(daemon, source, "ack") == 1, timeout=60, what="billed once active")
+            await wait_for(lambda: processed(daemon, source, "ack") == 1, timeout=60, what="acked")
+            await recorded(stripe_double, 1)
     assert [e["event_name"] for e in stripe_double.meter_events] == ["whatsapp_messages"]
     missing = [e for e in logs if e["event"] == "Stripe meter missing: meter events held"]
     assert missing and "create or reactivate it in Stripe" in missing[0]["detail"]
+
+
+def _logged(logs: list, event: str) -> bool:
+    return any(e["event"] == event for e in logs)
 
 
 async def test_step_names_do_not_collide_and_an_earlier_billingds_record_keeps_its_identifier(
@@ -142,6 +161,7 @@ async def test_step_names_do_not_collide_and_an_earlier_billingds_record_keeps_i
         for i, event in enumerate(events):
             await amqp.publish(source["exchange"], "usage", event, message_id=f"s-{i}")
         await wait_for(lambda: processed(daemon, source, "ack") == 3, what="acked")
+        await recorded(stripe_double, 3)
     identifiers = sorted(e["identifier"] for e in stripe_double.meter_events)
     assert identifiers == sorted([meter_id(events[0]), meter_id(events[1]), "legacy-1"])
     assert (await ledger.entitlement(old_user, "ai"))["used"] == "0"  # the earlier billingd's duplicate

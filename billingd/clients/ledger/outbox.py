@@ -15,7 +15,8 @@ Keys (`{subject}` is the usage event's subject, `{o<n>}` an outbox shard):
 * `billingd:outbox-lease:{o<n>}` — the process sending shard `n` (a token, `PX` lease): another
   process takes the shard over when a replica dies;
 * `billingd:outbox-held:{subject}` — hash: events held out of the stream, for finance: too old
-  for Stripe (35 days) or refused by Stripe itself; never dropped (`billingd meters`);
+  for Stripe (35 days) or refused by Stripe itself; never dropped (`billingd meters`); the
+  subjects with some are in `billingd:outbox-held-index:{held}`;
 * `billingd:journal:{subject}:<day>` — hash: `<customer>|<meter>|<hour>` → the sum of values
   Stripe accepted from billingd for that customer, meter and hour (Unix hour = seconds / 3600)
   of the events' timestamps; kept `keep` seconds;
@@ -127,7 +128,7 @@ _INDEX = Script.of("""
 for i = 1, #ARGV, 2 do redis.call('ZADD', KEYS[1], 'NX', ARGV[i], ARGV[i + 1]) end
 return 1
 """)
-# KEYS: index, outbox; ARGV: subject, the oldest enqueue time left (or '' when none is left)
+# KEYS: index; ARGV: subject, the oldest enqueue time left (or '' when none is left)
 _REINDEX = Script.of("""
 if ARGV[2] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
@@ -207,8 +208,7 @@ class OutboxLedger(RedisLedger):
 
     async def reindex(self, subject: str, shards: int, oldest: int | None) -> None:
         """Set `subject`'s place in its shard's index to `oldest` (None: nothing waits: removed)."""
-        keys = (self._index(shard_of(subject, shards)), outbox_key(subject))
-        await self.run(_REINDEX, keys, (subject, "" if oldest is None else oldest))
+        await self.run(_REINDEX, (self._index(shard_of(subject, shards)),), (subject, "" if oldest is None else oldest))
 
     async def acknowledge(self, subject: str, events: Sequence[tuple[str, OutboxEvent]], keep: int) -> int:
         """Stripe accepted `events` of `subject`: index their day (first), then remove them from
@@ -227,9 +227,15 @@ class OutboxLedger(RedisLedger):
         return done
 
     async def hold(self, subject: str, identifiers: Iterable[str], reason: str) -> int:
-        """Move events out of the stream into `subject`'s held events, with `reason`."""
+        """Move events out of the stream into `subject`'s held events, with `reason` (and name the
+        subject in `billingd:outbox-held-index` for `billingd meters`)."""
+        await self.run(_ADD, (key("outbox-held-index", tag="held"),), (REFUSED_TTL, subject))
         keys = (outbox_key(subject), key("outbox-held", tag=subject))
         return int(await self.run(_HOLD, keys, (reason, *identifiers)))
+
+    async def held_subjects(self) -> list[str]:
+        """Subjects with held events."""
+        return [m.decode() for m in await self.run(_SMEMBERS, (key("outbox-held-index", tag="held"),), ())]
 
     async def held(self, subject: str) -> dict[str, tuple[OutboxEvent, str]]:
         """`identifier → (event, reason)` of `subject`'s held events."""
@@ -245,6 +251,10 @@ class OutboxLedger(RedisLedger):
     async def lease(self, shard: int, token: str, ttl: float) -> bool:
         """Take or renew the lease of `shard` for `ttl` seconds; False when another holds it."""
         return bool(await self.run(_LEASE, (key("outbox-lease", tag=f"o{shard}"),), (token, int(ttl * 1000))))
+
+    async def lease_named(self, name: str, token: str, ttl: float) -> bool:
+        """Take or renew the lease `billingd:lease:{<name>}` (one holder across replicas)."""
+        return bool(await self.run(_LEASE, (key("lease", tag=name),), (token, int(ttl * 1000))))
 
     async def unlease(self, shard: int, token: str) -> None:
         """Give `shard` back (a no-op when `token` no longer holds it)."""

@@ -30,6 +30,7 @@ import enum
 from dataclasses import dataclass
 
 from billingd.clients.ledger.base import LEDGER_MAX, RedisLedger, key
+from billingd.clients.ledger.outbox import outbox_key
 from billingd.clients.ledger.periods import FOREVER, PERIODS, calendar_month, period_containing
 from billingd.clients.ledger.scripts import Script
 
@@ -39,12 +40,12 @@ _APPLY = """
 local idem, counter, ent, period = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, name, amount, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('HEXISTS', idem, 'applied') == 1 then
-  local r = redis.call('HMGET', idem, 'period', 'at', 'scope')
-  return {'duplicate', r[1] or '', r[2] or '', r[3] and '0' or '1'}
+  local r = redis.call('HMGET', idem, 'period', 'at', 'scope', 'outbox')
+  return {'duplicate', r[1] or '', r[2] or '', r[3] and '0' or '1', r[4] or '0'}
 end
-if KEYS[5] and redis.call('HEXISTS', KEYS[5], 'applied') == 1 and redis.call('HEXISTS', KEYS[5], 'scope') == 0 then
-  local r = redis.call('HMGET', KEYS[5], 'period', 'at')  -- written before seed-001 keys were scoped
-  return {'duplicate', r[1] or '', r[2] or '', '1'}
+if redis.call('HEXISTS', KEYS[5], 'applied') == 1 and redis.call('HEXISTS', KEYS[5], 'scope') == 0 then
+  local r = redis.call('HMGET', KEYS[5], 'period', 'at', 'outbox')  -- written before seed-001 keys were scoped
+  return {'duplicate', r[1] or '', r[2] or '', '1', r[3] or '0'}
 end
 local start
 if mode == 'consume' then
@@ -85,6 +86,10 @@ if mode == 'consume' then redis.call('HINCRBY', ent, 'used', amount) end
 if current == 0 then redis.call('HSET', counter, name, 0, mark, start) end
 redis.call('HINCRBY', counter, name, amount)
 redis.call('HSET', idem, 'applied', 1, 'period', start, 'at', ARGV[4], 'scope', ARGV[10])
+if ARGV[11] ~= '' then  -- its meter event, into the subject's outbox: in the same step
+  redis.call('HSET', KEYS[6], ARGV[11], ARGV[12])
+  redis.call('HSET', idem, 'outbox', 1)
+end
 redis.call('EXPIRE', idem, tonumber(ARGV[9]))
 return {'applied', start, ARGV[4]}
 """.replace("LEDGER_MAX", str(LEDGER_MAX))
@@ -127,6 +132,8 @@ class UsageResult:
     legacy: bool = False
     """A duplicate whose record an earlier billingd wrote (before keys and identifiers were
     scoped): its Stripe step goes by the names of then."""
+    outboxed: bool = False
+    """A duplicate whose meter event went into the outbox with its Redis step."""
 
 
 class UsageLedger(RedisLedger):
@@ -145,32 +152,37 @@ class UsageLedger(RedisLedger):
         consume: bool,
         now: int,
         dedup_ttl: int,
+        outbox: tuple[str, bytes] | None = None,
     ) -> UsageResult:
         """The Redis step of one usage event, atomically and once per idempotency key: consume
         entitlement `name` of `subject` by `amount` micro-units (when `consume`, seed 001: the key
         is unique per entitlement), with the lazy period reset of seed 001, and add `amount` to
-        the subject's usage counter (seed 004: the key is unique per subject)."""
+        the subject's usage counter (seed 004: the key is unique per subject). With `outbox`
+        (`(identifier, stored event)`), its meter event goes into the subject's outbox in the
+        same script (`billingd.clients.ledger.outbox`)."""
         keys = [
             _scoped_event_key(subject, name, idempotency_key) if consume else _event_key(subject, idempotency_key),
             key("usage", tag=subject),
             key("ent", name, tag=subject),
             key("period", tag=subject),
+            _event_key(subject, idempotency_key),  # seed 001: a record of before keys were scoped
+            outbox_key(subject),
         ]
-        if consume:
-            keys.append(_event_key(subject, idempotency_key))  # a record of before keys were scoped
         default_start = calendar_month(now)[0]
         base = ["consume" if consume else "count", name, amount, now, default_start]
         scope = name if consume else ""
-        reply = await self.run(self._apply, keys, [*base, "", "", "", dedup_ttl, scope])
+        tail = [dedup_ttl, scope, *(outbox or ("", b""))]
+        reply = await self.run(self._apply, keys, [*base, "", "", "", *tail])
         if reply[0] == b"reset":  # a period has passed: compute the current one here (calendar math), then retry
             period, old_start = reply[1].decode(), reply[2].decode()
             start, end = period_containing(period, int(old_start), now)
-            reply = await self.run(self._apply, keys, [*base, start, end, old_start, dedup_ttl, scope])
+            reply = await self.run(self._apply, keys, [*base, start, end, old_start, *tail])
         status = Applied(reply[0].decode())
         if status is Applied.OVER_LIMIT:
             return UsageResult(status, used=int(reply[1]), limit=int(reply[2]))
         if status is Applied.DUPLICATE:
-            return UsageResult(status, int(reply[1] or 0), at=int(reply[2] or now), legacy=reply[3] == b"1")
+            legacy, outboxed = reply[3] == b"1", reply[4] == b"1"
+            return UsageResult(status, int(reply[1] or 0), at=int(reply[2] or now), legacy=legacy, outboxed=outboxed)
         if status is Applied.APPLIED:
             return UsageResult(status, int(reply[1] or 0), at=int(reply[2] or now))
         return UsageResult(status)
@@ -226,9 +238,36 @@ class UsageLedger(RedisLedger):
         """The Stripe customer of `subject`, if known."""
         return await self.get_str(key("customer", tag=subject))
 
+    async def enqueue_late(
+        self, subject: str, name: str, idempotency_key: str, *, consume: bool, legacy: bool, outbox: tuple[str, bytes]
+    ) -> bool:
+        """Put the meter event of a usage event whose Redis step was done without it (by an
+        earlier billingd, or inline) into the outbox, once; returns whether it was put."""
+        record = (
+            _scoped_event_key(subject, name, idempotency_key)
+            if consume and not legacy
+            else _event_key(subject, idempotency_key)
+        )
+        return bool(await self.run(_ENQUEUE, (record, outbox_key(subject)), outbox))
+
+    async def period(self, subject: str) -> tuple[int, int] | None:
+        """The subject's billing period `(start, end)` (Unix seconds), if billingd knows one."""
+        record = await self.hgetall(key("period", tag=subject))
+        if "start" not in record or "end" not in record:
+            return None
+        return int(record["start"]), int(record["end"])
+
     async def set_period(self, subject: str, start: int, end: int, interval: str = "month") -> None:
         """Set the subject's billing period (Unix seconds, end exclusive; rolled by `interval`)."""
         await self.run(_SET_PERIOD, (key("period", tag=subject),), (start, end, interval))
+
+
+_ENQUEUE = Script.of("""
+if redis.call('HEXISTS', KEYS[1], 'outbox') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'outbox', 1)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+""")
 
 
 def _event_key(subject: str, idempotency_key: str) -> str:
