@@ -159,6 +159,9 @@ class Reconciler:
             counts as open.
         keep: seconds corrections are remembered (`[reconcile] keep`).
         metrics: drift, runs and corrections are counted here (None: not counted).
+        meters: the meters billingd reports to (`[stripe].meters` values): each is compared for
+            every customer the journal names, so usage another producer put on a meter billingd
+            never used for that customer is found too.
     """
 
     def __init__(
@@ -171,7 +174,9 @@ class Reconciler:
         correct_within: float,
         keep: int,
         metrics: Metrics | None = None,
+        meters: tuple[str, ...] = (),
     ) -> None:
+        self._meters = meters
         self._outbox = outbox
         self._stripe = stripe
         self._periods = periods
@@ -202,8 +207,13 @@ class Reconciler:
         report = Report(first * 3600, max(first, last) * 3600)
         journal, subjects = await self._journal(first, last, customer, meter)
         refused = await self._refused(first, last)
-        report.customers = len({c for c, _ in journal})
-        for (who, name), hours in sorted(journal.items()):
+        customers = sorted({c for c, _ in journal})
+        meters = sorted(({n for _, n in journal} | set(self._meters)) - ({""} if meter is None else set()))
+        if meter is not None:
+            meters = [meter]
+        report.customers = len(customers)
+        pairs = {(who, name): journal.get((who, name), {}) for who in customers for name in meters}
+        for (who, name), hours in sorted(pairs.items()):
             report.meters.add(name)
             stripe_hours, requests = await self._stripe_hours(who, name, first, last)
             report.requests += requests

@@ -53,6 +53,7 @@ def reconciler(settings: Settings, clients: Clients, metrics: Metrics | None) ->
         correct_within=float(r.correct_within),
         keep=int(r.keep),
         metrics=metrics,
+        meters=tuple(sorted(set(settings.stripe.meters.values()))),
     )
 
 
