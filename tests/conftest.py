@@ -16,7 +16,7 @@ from billingd.daemon.logging import configure_logging
 from tests.cluster import RedisClusterServer
 from tests.doubles.server import Sink
 from tests.doubles.stripe import StripeDouble
-from tests.support import AMQP_URL, REDIS_URL, Amqp, RedisTarget, Sqs, start_moto
+from tests.support import AMQP_URL, REDIS_URL, Amqp, RedisTarget, Sqs, start_fauxqs, start_moto
 
 configure_logging("warning", "console")
 
@@ -90,6 +90,15 @@ async def amqp() -> AsyncIterator[Amqp]:
 def moto_endpoint() -> Iterator[str]:
     """A moto SQS server (the real SQS wire protocol) on a spare loopback port, for the session."""
     process, endpoint = start_moto()
+    yield endpoint
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def fauxqs_endpoint() -> Iterator[str]:
+    """fauxqs (the fast SQS emulator, for tests that send thousands of messages), for the session."""
+    process, endpoint = start_fauxqs()
     yield endpoint
     process.terminate()
     process.wait(10)

@@ -58,6 +58,9 @@ def run_metering_tool(args: argparse.Namespace, path: str) -> int:
     except ConfigError as exc:
         print(f"billingd: invalid configuration in {path}:", *exc.errors, sep="\n  ", file=sys.stderr)
         return EXIT_CONFIG
+    from billingd.daemon.logging import configure_logging
+
+    configure_logging("warning", settings.daemon.log_format)  # on stderr: stdout is the report
     try:
         if args.command == "reconcile":
             since, until = _when(args.since), _when(args.until)

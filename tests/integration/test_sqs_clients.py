@@ -11,7 +11,7 @@ import contextlib
 import datetime
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,7 +22,6 @@ from billingd.config.model import SqsSourceSettings
 from billingd.sources.sqs import _snake
 from billingd.sources.sqs_client import open_source_clients
 from tests.doubles.sqs_gate import SqsGate
-from tests.support import start_fauxqs
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
@@ -44,14 +43,6 @@ EVERY_DATATYPE = {
     "count": {"DataType": "Number.int", "StringValue": "42"},
     "image": {"DataType": "Binary.png", "BinaryValue": b"\x89PNG\r\n"},
 }
-
-
-@pytest.fixture(scope="module")
-def fauxqs_endpoint() -> Iterator[str]:
-    process, endpoint = start_fauxqs()
-    yield endpoint
-    process.terminate()
-    process.wait(10)
 
 
 @pytest.fixture(params=["moto", "fauxqs"])
