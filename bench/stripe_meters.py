@@ -8,7 +8,8 @@ per (customer, meter) — a second is a 429 —, 10,000 stream requests/s; an `i
 already holds is a 400 "An event already exists with identifier …" (v1) or dropped (stream).
 The events are seed-004 usage events of two busy customers on one meter, 5 % of which Stripe
 already holds (recorded by someone else), preloaded on a RabbitMQ queue and handled by billingd
-in this process (`usage`, prefetch 200). Rows:
+in this process (`usage`, prefetch 200, `meter_delivery = "inline"`: each message waits for its
+own request; `bench/meter_outbox.py` measures the outbox). Rows:
 
 * `stream`: `meter_api = "stream"` (the default);
 * `v1`: one call per event, against the ceiling of one call per latency per customer;
@@ -40,7 +41,7 @@ from billingd.clients import Unguarded
 from billingd.clients.ledger import UsageLedger
 from billingd.daemon.logging import configure_logging
 from tests.doubles.stripe import StripeContract, StripeDouble
-from tests.support import AMQP_URL, REDIS_URL, amqp_source, make_settings, running, unique
+from tests.support import AMQP_URL, REDIS_URL, amqp_source, make_settings, meter_id, running, unique
 
 METER = "ai_credits"
 
@@ -77,10 +78,11 @@ async def row(
     ]
     double = StripeDouble(contract)
     known = bodies[:: max(1, events // (events // 20 or 1))][: events // 20]  # 5 % already at Stripe
-    double.preload([{"event_name": METER, "identifier": b["idempotency_key"], "payload": {}} for b in known])
+    double.preload([{"event_name": METER, "identifier": meter_id(b), "payload": {}} for b in known])
     source = amqp_source("usage", prefetch=200 if replicas == 1 else 20, max_attempts=5)
     await preload(source, bodies)
-    stripe: dict[str, Any] = {"api_key": "sk_test_bench", "meters": {METER: METER}, "meter_api": mode, "timeout": "5s"}
+    stripe: dict[str, Any] = {"api_key": "sk_test_bench", "meters": {METER: METER}, "meter_api": mode, "timeout": "5s",
+                              "meter_delivery": "inline"}  # fmt: skip
     if budget is not None:
         stripe["max_requests_per_second"] = budget
     async with double.running():
@@ -113,7 +115,7 @@ async def row(
         calls = [r for r in double.requests if "meter_event" in r.path]
     await drop_amqp(source)
     await redis.aclose()
-    once = sorted(recorded) == sorted(b["idempotency_key"] for b in bodies) and set(recorded.values()) == {1}
+    once = sorted(recorded) == sorted(meter_id(b) for b in bodies) and set(recorded.values()) == {1}
     return {
         "mode": mode,
         "replicas": replicas,

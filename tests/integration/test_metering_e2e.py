@@ -75,7 +75,8 @@ def _source(name: str, handler: str, endpoint: str, queues: dict[str, str], **ov
 
 def _settings(sources: list[dict[str, Any]], stripe_double: Any) -> Any:
     stripe = {"api_key": "${STRIPE_SECRET_KEY}", "webhook_secret": "${STRIPE_WEBHOOK_SECRET}",
-              "api_base": stripe_double.url, "meters": METERS, "timeout": "5s"}  # fmt: skip
+              "api_base": stripe_double.url, "meters": METERS, "timeout": "5s",
+              "max_requests_per_second": {"basic": 80}}  # a live account's budget (the key is a test one)  # fmt: skip
     return make_settings(sources, stripe=stripe, reconcile={"interval": "0s", "settle": "0s"},
                          daemon={"log_level": "info"})  # fmt: skip
 
