@@ -143,6 +143,7 @@ async def test_reconciliation_finds_every_injected_difference_and_fixes_the_open
     for _ in range(max(1, events // 200)):  # another producer on the same meters
         stripe_double.book.foreign(rng.choice(list(METERS.values())), f"cus_e2e{rng.randrange(customers)}",
                                    rng.randint(1, 20), now - 3600 - rng.randrange(6 * 3600 - 60))  # fmt: skip
+    stripe_double.book.foreign("ai_credits", "cus_e2e0", 7, now - 5 * 3600)  # before cus_e2e0's period began
     expected = expected_differences(stripe_double, now)
 
     found = await _cli(tmp_path, settings, "reconcile", "--since", "8h", "--json")
