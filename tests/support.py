@@ -79,7 +79,8 @@ def build_handler_for(settings: Settings, index: int = 0) -> tuple[Any, Any]:
     from billingd.telemetry import Metrics
 
     clients = Clients(settings.redis, settings.stripe, Unguarded)
-    context = HandlerContext(settings.sources[index], clients, settings.stripe, settings.razorpay, Metrics("test"))
+    stripe, keep = settings.stripe, float(settings.reconcile.keep)
+    context = HandlerContext(settings.sources[index], clients, stripe, settings.razorpay, Metrics("test"), keep)
     return build_handler(context), clients
 
 

@@ -44,8 +44,14 @@ import structlog
 from billingd.clients.errors import CALL_TARGET, DownstreamRejected, DownstreamUnavailable, Guard, Throttled
 from billingd.clients.keyed import KeyedLocks
 from billingd.clients.stripe_ids import idempotency_key
-from billingd.clients.stripe_meters import MeterCatalogue
-from billingd.clients.stripe_stream import MeterSession, MeterStream, SessionExpired, is_session_expired
+from billingd.clients.stripe_meters import MeterCatalogue, MeterMissing
+from billingd.clients.stripe_stream import (
+    MeterSession,
+    MeterStream,
+    SessionExpired,
+    StreamRejected,
+    is_session_expired,
+)
 from billingd.config.model import StripeSettings
 from billingd.telemetry.tracing import child_span
 
@@ -327,7 +333,7 @@ class StripeGateway:
         if now - self._warned.get(event_name, -60.0) >= 60:
             self._warned[event_name] = now
             log.error("Stripe meter missing: meter events held", event_name=event_name, detail=detail)
-        raise DownstreamUnavailable("stripe", detail, counts=False)
+        raise MeterMissing(event_name, detail)
 
     # -- meter events ------------------------------------------------------------------------
 
@@ -386,7 +392,10 @@ class StripeGateway:
         except stripe.StripeError as exc:
             if is_session_expired(exc):
                 raise SessionExpired(str(exc)) from exc
-            raise classify(exc) from exc
+            error = classify(exc)
+            if type(error) is DownstreamRejected:  # about these events (not a duplicate, not our access)
+                raise StreamRejected(error.downstream, error.detail) from exc
+            raise error from exc
 
     async def aclose(self) -> None:
         """Close the HTTP session."""

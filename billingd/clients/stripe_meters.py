@@ -17,6 +17,8 @@ from typing import Any
 
 import anyio
 
+from billingd.clients.errors import DownstreamUnavailable
+
 #: Stripe's meter event rules ("Record usage with the API"): timestamps within the past 35 days
 #: and at most 5 minutes ahead (seconds).
 STRIPE_MAX_AGE = 35 * 86400
@@ -26,6 +28,14 @@ STRIPE_MAX_AHEAD = 300
 #: caused by a name the catalogue does not know.
 REFRESH = 300.0
 RECHECK = 10.0
+
+
+class MeterMissing(DownstreamUnavailable):
+    """Stripe has no active meter of this `event_name`: its events wait (never an attempt)."""
+
+    def __init__(self, event_name: str, detail: str) -> None:
+        super().__init__("stripe", detail, counts=False)
+        self.event_name = event_name
 
 
 class MeterCatalogue:

@@ -33,10 +33,15 @@ from typing import Any
 import anyio
 import stripe
 
-from billingd.clients.errors import DownstreamUnavailable
+from billingd.clients.errors import DownstreamRejected, DownstreamUnavailable
 
 #: Most events Stripe takes in one stream request.
 STREAM_MAX_EVENTS = 100
+
+
+class StreamRejected(DownstreamRejected):
+    """Stripe refused a stream request itself (a 4xx for its events), as opposed to refusing the
+    session, or billingd's own budget refusing: only this says something about the events."""
 
 
 class SessionExpired(Exception):

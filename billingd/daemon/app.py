@@ -112,7 +112,14 @@ class Daemon:
         reconnect = (self.settings.supervisor.backoff_initial, self.settings.supervisor.backoff_max)
         poison = PoisonLog()  # outlives the actors: crash counts per message across restarts
 
-        context = HandlerContext(source, self.clients, self.settings.stripe, self.settings.razorpay, self.metrics)
+        context = HandlerContext(
+            source,
+            self.clients,
+            self.settings.stripe,
+            self.settings.razorpay,
+            self.metrics,
+            float(self.settings.reconcile.keep),
+        )
 
         def factory() -> SourceActor:
             handler = build_handler(context, self.handlers)

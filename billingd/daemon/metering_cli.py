@@ -102,7 +102,7 @@ async def _reconcile(settings: Settings, args: argparse.Namespace, since: int, u
         print(msgspec.json.encode(report.as_dict()).decode())
     else:
         _print_report(report)
-    settled = ("corrected", "cancelled", "sent before", "needs a credit note")
+    settled = ("corrected", "cancelled", "sent before", "needs a credit note", "needs an invoice item")
     return 0 if all(d.action in settled for d in report.differences) else 1
 
 
@@ -113,6 +113,10 @@ def _print_report(report: Any) -> None:
         f"{len(report.meters)} meters, {report.compared:,} hours compared, {len(report.differences)} differ; "
         f"drift: {drift} ({report.requests} Stripe requests, {report.seconds:.1f} s)"
     )
+    if report.unsettled:
+        print(f"  {report.unsettled:,} hours not settled yet (grown within `settle`, or events still in the outbox)")
+    for name, why in report.skipped.items():
+        print(f"  meter {name} not compared: {why}")
     if report.differences:
         print(
             f"  {'customer':<24} {'meter':<20} {'hour (UTC)':<17} {'billingd':>10} {'stripe':>10} {'diff':>9}  action"

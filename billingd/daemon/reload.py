@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from billingd.config.model import AnySource, Settings
 
 #: Sections read once at start: a change to them needs a restart to take effect.
-RESTART_SECTIONS = ("daemon", "http", "supervisor", "redis", "stripe", "razorpay", "breakers")
+RESTART_SECTIONS = ("daemon", "http", "supervisor", "redis", "stripe", "razorpay", "breakers", "reconcile")
 
 
 @dataclass(frozen=True)

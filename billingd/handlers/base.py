@@ -83,14 +83,16 @@ class NoOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 @dataclass(frozen=True)
 class HandlerContext:
     """What a handler is built with, and all it may use: its source's settings, the downstream
-    clients (made on first use), the `[stripe]` and `[razorpay]` sections, and counters with its
-    `source` label bound (`counter`)."""
+    clients (made on first use), the `[stripe]` and `[razorpay]` sections, counters with its
+    `source` label bound (`counter`), and how long (seconds) the meter journal is kept
+    (`[reconcile] keep`)."""
 
     source: SourceSettings
     clients: Clients
     stripe: StripeSettings
     razorpay: RazorpaySettings
     metrics: Metrics
+    journal_keep: float = 45 * 86400.0
 
     def counter(self, name: str, documentation: str, labels: Sequence[str]) -> SourceCounter:
         """Counter `name` with labels `source` + `labels` (values from a bounded set), the source bound."""

@@ -49,7 +49,7 @@ import structlog
 
 from billingd.clients.ledger import Applied, OnceLedger, UsageLedger
 from billingd.clients.ledger.base import LEDGER_MAX
-from billingd.clients.ledger.outbox import OutboxEvent, OutboxLedger, encode
+from billingd.clients.ledger.outbox import JOURNAL_ONE, OutboxEvent, OutboxLedger, encode, journal_key
 from billingd.clients.stripe_ids import meter_identifier
 from billingd.config.durations import Duration
 from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message, OptionalId
@@ -62,6 +62,9 @@ if TYPE_CHECKING:
     from billingd.clients.stripe import StripeGateway
 
 log = structlog.get_logger("billingd.usage")
+
+#: Marks an inline meter step done and journals its event, in one script.
+JOURNAL_STEP = OnceLedger.completing(JOURNAL_ONE)
 
 #: Stripe's meter event rules ("Record usage with the API"; API reference, meter events):
 #: timestamps within the past 35 days and at most 5 minutes ahead, at most 15 significant digits.
@@ -117,9 +120,13 @@ class UsageHandler:
         max_wait: float = 10.0,
         outbox: OutboxLedger | None = None,
         shards: int = 16,
+        journal: OutboxLedger | None = None,
+        keep: int = 45 * 86400,
     ) -> None:
         self._outbox = outbox
         self._shards = shards
+        self._journal = journal
+        self._keep = keep
         self._ledger = ledger
         self._once = once
         self._stripe = stripe
@@ -218,8 +225,13 @@ class UsageHandler:
                 )
             return await self._indexed(subject, now, True)
         send = partial(self._send, meter, customer, metered_value, identifier, timestamp, key)
-        ttl = int(self._options.dedup_ttl)
-        await self._once.run_once(subject, step, send, lease=self._lease, ttl=ttl)
+        ttl, day = int(self._options.dedup_ttl), timestamp // 86400
+        journal = None
+        if self._journal is not None:  # what Stripe accepted inline is journaled with the step, once
+            await self._journal.index_journal_day(subject, day, self._keep)
+            field = f"{customer}|{meter}|{timestamp // 3600}"
+            journal = (JOURNAL_STEP, journal_key(subject, day), (field, metered_value, self._keep))
+        await self._once.run_once(subject, step, send, lease=self._lease, ttl=ttl, also=journal)
         return ACK
 
     async def _indexed(self, subject: str, now: int, queued: bool) -> Outcome:
@@ -330,7 +342,7 @@ def _build(ctx: HandlerContext, options: UsageOptions) -> UsageHandler:
     outbox = clients.outbox if meters and ctx.stripe.meter_delivery == "outbox" else None
     return UsageHandler(
         clients.usage_ledger, clients.once, stripe, meters, options, duplicates, float(ctx.stripe.max_wait),
-        outbox, ctx.stripe.outbox_shards,
+        outbox, ctx.stripe.outbox_shards, clients.outbox if meters else None, int(ctx.journal_keep),
     )  # fmt: skip
 
 

@@ -1,9 +1,12 @@
 """The daemon's metering tasks: the outbox sender and the periodic reconciliation (DESIGN §10).
 
 `run_metering` is started by the daemon beside the sources and cancelled with them. The sender
-runs when a `usage` source reports to Stripe meters in outbox mode; the periodic reconciliation
-when `[reconcile] interval` is set and Stripe meters are configured — one replica at a time
-(`billingd:lease:{reconcile}`, renewed while a run lasts).
+runs when a `usage` source reports to Stripe meters (in `inline` mode too: it drains what an
+earlier outbox-mode deployment left waiting); the periodic reconciliation when `[reconcile]
+interval` is set and Stripe meters are configured — one replica at a time: under the lease
+`billingd:lease:{reconcile}` (renewed while a run lasts; a run whose renewal fails is
+cancelled), and only when no replica finished a run within the interval
+(`billingd:last-run:{reconcile}`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import structlog
 from billingd.clients import Clients
 from billingd.clients.errors import DownstreamError
 from billingd.config.model import Settings
-from billingd.metering.reconcile import Reconciler
+from billingd.metering.reconcile import Reconciler, Report
 from billingd.metering.sender import OutboxSender
 from billingd.telemetry import Metrics
 
@@ -29,12 +32,9 @@ RECONCILE_LEASE = 60.0
 
 
 def wants_sender(settings: Settings) -> bool:
-    """Whether a `usage` source sends meter events through the outbox."""
-    return (
-        settings.stripe.meter_delivery == "outbox"
-        and bool(settings.stripe.meters)
-        and any(s.handler == "usage" for s in settings.sources)
-    )
+    """Whether a `usage` source reports to Stripe meters (through the outbox, or inline with
+    the sender draining what an outbox-mode deployment left)."""
+    return bool(settings.stripe.meters) and any(s.handler == "usage" for s in settings.sources)
 
 
 def wants_reconciler(settings: Settings) -> bool:
@@ -81,31 +81,68 @@ async def _reconcile_forever(settings: Settings, clients: Clients, metrics: Metr
     r = settings.reconcile
     token = uuid.uuid4().hex
     runner = reconciler(settings, clients, metrics)
+    interval = float(r.interval)
     while True:
         try:
-            if await clients.outbox.lease_named("reconcile", token, RECONCILE_LEASE):
+            if not await clients.outbox.lease_named("reconcile", token, RECONCILE_LEASE):
+                metrics.reconcile_runs.labels("skipped").inc()  # another replica is running
+            elif (last := await clients.outbox.last_run("reconcile")) and time.time() - last < interval * 0.9:
+                metrics.reconcile_runs.labels("skipped").inc()  # another replica ran within the interval
+            else:
                 await _one_run(runner, clients, token, float(r.window), r.fix)
+                await clients.outbox.finished("reconcile", time.time(), int(interval) + 86400)
         except DownstreamError as exc:
             metrics.reconcile_runs.labels("error").inc()
             log.warning("reconciliation failed; next run at the next interval", error=str(exc)[:300])
+        except LeaseLost:
+            metrics.reconcile_runs.labels("error").inc()
+            log.warning("reconciliation lease lost (Redis slow, or another replica took it); run cancelled")
         except Exception:  # a bug must not stop the daemon
             metrics.reconcile_runs.labels("error").inc()
             log.exception("reconciliation failed unexpectedly; next run at the next interval")
-        await anyio.sleep(float(r.interval))
+        await anyio.sleep(interval)
+
+
+class LeaseLost(Exception):
+    """The reconciliation lease could not be renewed: another replica may be running."""
 
 
 async def _one_run(runner: Reconciler, clients: Clients, token: str, window: float, fix: bool) -> None:
+    """One periodic run under the lease (renewed every third of it).
+
+    Raises:
+        LeaseLost: the lease could not be renewed; the run was cancelled.
+        DownstreamError: Redis or Stripe unavailable."""
     now = int(time.time())
+    lost = False
+    failed: DownstreamError | None = None
+    report: Report | None = None
     async with anyio.create_task_group() as tg:
 
         async def renew() -> None:
+            nonlocal lost
             while True:
                 await anyio.sleep(RECONCILE_LEASE / 3)
-                await clients.outbox.lease_named("reconcile", token, RECONCILE_LEASE)
+                try:
+                    held = await clients.outbox.lease_named("reconcile", token, RECONCILE_LEASE)
+                except DownstreamError:
+                    held = False
+                if not held:
+                    lost = True
+                    tg.cancel_scope.cancel()
+                    return
 
         tg.start_soon(renew)
-        report = await runner.run(since=now - int(window), until=now, fix=fix)
+        try:
+            report = await runner.run(since=now - int(window), until=now, fix=fix)
+        except DownstreamError as exc:  # raised below, outside the task group (not as a group)
+            failed = exc
         tg.cancel_scope.cancel()
+    if lost:
+        raise LeaseLost()
+    if failed is not None:
+        raise failed
+    assert report is not None
     if runner.metrics is not None:
         runner.metrics.reconcile_runs.labels("ok").inc()
         runner.metrics.reconcile_success.set(time.time())
@@ -117,6 +154,9 @@ async def _one_run(runner: Reconciler, clients: Clients, token: str, window: flo
         drift=drift,
         fixed=sum(1 for d in report.differences if d.action in ("corrected", "cancelled")),
         credit_notes=sum(1 for d in report.differences if d.action == "needs a credit note"),
+        failed=sum(1 for d in report.differences if d.action.startswith("failed")),
+        unsettled=report.unsettled,
+        skipped_meters=report.skipped,
         stripe_requests=report.requests,
         seconds=round(report.seconds, 2),
     )

@@ -128,19 +128,22 @@ class Metrics:
         )
         self.meter_corrections = Counter(
             "billingd_meter_corrections",
-            "Corrections of meter drift, by meter and kind (event, negative, cancel, credit_note).",
+            "Corrections of meter drift, by meter and kind (event, negative, cancel, credit_note, invoice_item).",
             ["meter", "kind"],
             registry=r,
         )
         self.reconcile_runs = Counter(
-            "billingd_reconcile_runs", "Reconciliation runs, by result (ok, error).", ["result"], registry=r
+            "billingd_reconcile_runs",
+            "Reconciliation runs, by result (ok, error, skipped: another replica runs or ran within the interval).",
+            ["result"],
+            registry=r,
         )
         self.reconcile_success = Gauge(
             "billingd_reconcile_last_success_timestamp_seconds",
             "When the last reconciliation run succeeded (Unix seconds).",
             registry=r,
         )
-        for result in ("ok", "error"):
+        for result in ("ok", "error", "skipped"):
             self.reconcile_runs.labels(result)
 
     def counter(self, name: str, documentation: str, labels: Sequence[str]) -> Counter:

@@ -161,7 +161,7 @@ class StripeDouble(Double):
         """The next this many pay calls pay the invoice, then answer 500 and save that 500 under
         their idempotency key (Stripe: a call whose endpoint began executing and failed)."""
 
-    def add_meter(self, event_name: str, status: str = "active") -> dict[str, Any]:
+    def add_meter(self, event_name: str, status: str = "active", formula: str = "sum") -> dict[str, Any]:
         """Create (or replace) the meter of `event_name`, as `POST /v1/billing/meters` would."""
         now = int(time.time())
         meter = {
@@ -176,7 +176,7 @@ class StripeDouble(Double):
             "status": status,
             "status_transitions": {"deactivated_at": None if status == "active" else now},
             "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
-            "default_aggregation": {"formula": "sum"},
+            "default_aggregation": {"formula": formula},
             "value_settings": {"event_payload_key": "value"},
         }
         self.meter_catalogue[event_name] = meter
@@ -458,6 +458,10 @@ class StripeDouble(Double):
             response = _error(400, "invalid_request_error", "Missing required param: event_name, payload")
         elif not payload["value"].lstrip("-").isdigit():
             response = _error(400, "invalid_request_error", "payload[value] must be a whole number")
+        elif not -35 * 86400 <= int(form.get("timestamp") or time.time()) - time.time() <= 300:
+            response = _error(
+                400, "invalid_request_error", "Timestamp must be within the past 35 days and at most 5 minutes ahead."
+            )
         elif identifier in self._identifiers:
             response = _error(
                 400,

@@ -95,6 +95,7 @@ def _usage_source(amqp, stripe_double, tmp_path) -> tuple[dict, Path, int]:
             "api_base": stripe_double.url,
             "meters": {"ai_credits": "ai_credits"},
             "meter_api": "v1",  # one hanging call per message: IN_FLIGHT requests show they are in flight
+            "meter_delivery": "inline",
         },
     )
     config = tmp_path / "billingd.toml"

@@ -141,6 +141,7 @@ async def test_two_tenants_with_the_same_key_are_both_billed(sqs, stripe_double,
     async with Process(tmp_path, usage_settings(source, stripe_double)) as billingd:
         await wait_for(lambda: _at_least(billingd.processed(source["name"], "ack"), 4), timeout=60, what="acked")
         dead = await billingd.processed(source["name"], "dead_letter")
+        await wait_for(lambda: len(stripe_double.meter_events) >= 4, timeout=60, what="the outbox sent")
     assert dead == 0
     billed = {(e["payload"]["stripe_customer_id"], e["identifier"]) for e in stripe_double.meter_events}
     assert len(billed) == 4  # each tenant's two events, none taken for the other's
@@ -177,8 +178,8 @@ async def test_a_stripe_that_does_not_serve_the_stream_holds_usage_instead_of_de
         stripe_double.unserved = ()  # the proxy fixed
         await wait_for(lambda: _at_least(billingd.processed(source["name"], "ack"), 8), timeout=60, what="acked")
         dead = await billingd.processed(source["name"], "dead_letter")
+        await wait_for(lambda: len(stripe_double.meter_events) == 8, timeout=60, what="the outbox sent")
     assert dead == 0 and await sqs.depth(dlq) == 0
-    assert len(stripe_double.meter_events) == 8
     opened = [line for line in billingd.stderr.splitlines() if "circuit breaker open" in line and "stripe" in line]
     assert opened and "Unrecognized request URL" in opened[0] and "fix:" in opened[0], billingd.stderr[-3000:]
 

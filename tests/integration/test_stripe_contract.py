@@ -24,7 +24,9 @@ METERS = {"ai_credits": "ai_credits"}
 
 
 def stripe_settings(double: Any, **overrides: Any) -> dict[str, Any]:
-    return {"api_key": "sk_test_contract", "api_base": double.url, "meters": METERS, "timeout": "2s", **overrides}
+    """`[stripe]` reporting inline: these tests hold the contract of each call a message makes."""
+    return {"api_key": "sk_test_contract", "api_base": double.url, "meters": METERS, "timeout": "2s",
+            "meter_delivery": "inline", **overrides}  # fmt: skip
 
 
 def usage(workspace: str, key: str, value: int = 1, **fields: Any) -> dict[str, Any]:

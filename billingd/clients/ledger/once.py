@@ -29,12 +29,12 @@ if v then return 'busy' end
 redis.call('SET', KEYS[1], 'pending:' .. ARGV[1], 'PX', ARGV[2])
 return 'claimed'
 """)
-_COMPLETE = Script.of("""
+_COMPLETE_BODY = """
 local v = redis.call('GET', KEYS[1])
-if v and v ~= 'done' and v ~= 'pending:' .. ARGV[1] then return 0 end
+if v == 'done' or (v and v ~= 'pending:' .. ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
-return 1
-""")
+"""
+_COMPLETE = Script.of(_COMPLETE_BODY + "return 1")
 _RELEASE = Script.of("""
 if redis.call('GET', KEYS[1]) == 'pending:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
@@ -46,9 +46,19 @@ class OnceLedger(RedisLedger):
     """Claims, completions and releases of once-only steps (see module docstring)."""
 
     async def run_once(
-        self, scope: str, name: str, step: Callable[[], Awaitable[object]], *, lease: float, ttl: int
+        self,
+        scope: str,
+        name: str,
+        step: Callable[[], Awaitable[object]],
+        *,
+        lease: float,
+        ttl: int,
+        also: tuple[Script, str, tuple[object, ...]] | None = None,
     ) -> bool:
-        """Run `step` unless it is done; returns whether it ran now.
+        """Run `step` unless it is done; returns whether it ran now. `also` = `(script, key,
+        args)` is applied in the same script that marks the step done, once (a key of the same
+        hash tag as `scope`; the script's body sees it as `KEYS[2]` and `args` after `ARGV[2]`),
+        e.g. journaling an event sent inline.
 
         Raises:
             Busy: another worker holds the lease on this step.
@@ -67,8 +77,17 @@ class OnceLedger(RedisLedger):
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self.run(_RELEASE, (k,), (token,))
             raise
-        await self.run(_COMPLETE, (k,), (token, ttl))
+        if also is None:
+            await self.run(_COMPLETE, (k,), (token, ttl))
+        else:
+            script, other, args = also
+            await self.run(script, (k, other), (token, ttl, *args))
         return True
+
+    @staticmethod
+    def completing(body: str) -> Script:
+        """The script marking a step done and applying `body` with it (see `run_once`'s `also`)."""
+        return Script.of(_COMPLETE_BODY + body + "\nreturn 1")
 
     async def done(self, scope: str, name: str) -> bool:
         """Whether step `name` of `scope` is marked done."""

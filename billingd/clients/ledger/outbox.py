@@ -19,15 +19,23 @@ Keys (`{subject}` is the usage event's subject, `{o<n>}` an outbox shard):
   subjects with some are in `billingd:outbox-held-index:{held}`;
 * `billingd:journal:{subject}:<day>` — hash: `<customer>|<meter>|<hour>` → the sum of values
   Stripe accepted from billingd for that customer, meter and hour (Unix hour = seconds / 3600)
-  of the events' timestamps; kept `keep` seconds;
+  of the events' timestamps, and `<…>@` → when that sum last grew (reconciliation leaves a
+  bucket alone until Stripe's summaries had `settle` to show it); kept `keep` seconds; events
+  sent inline are journaled with their once-step;
 * `billingd:journal-index:{<day>}` — set: subjects with a journal of that day (UTC day = Unix
   seconds / 86400), written before the journal itself;
-* `billingd:sent:{h<n>}:<day>` — hash: identifier → `<customer>|<meter>|<hour>` of the events
-  sent that day, for 3 days: ties the sample identifiers of Stripe's error reports to buckets.
+* `billingd:sent:{h<n>}:<day>` — hash: 16 hex digits of an identifier → `<customer>|<meter>|<hour>`
+  of the events sent that day, for 36 hours (about 80 bytes an event): ties the sample
+  identifiers of Stripe's error reports to buckets;
+* `billingd:outbox-meta:{meta}` — hash: `shards`, the most outbox shards any sender used (a
+  smaller count later still reads the larger one's shards until their subjects moved);
+* `billingd:lease:{<name>}`, `billingd:last-run:{<name>}` — the lease of a periodic job
+  (`reconcile`) and when a replica last finished it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import zlib
 from collections.abc import Iterable, Sequence
@@ -38,8 +46,9 @@ import msgspec
 from billingd.clients.ledger.base import RedisLedger, key
 from billingd.clients.ledger.scripts import Script
 
-#: How long the identifier → bucket index of sent events is kept (seconds).
-SENT_TTL = 3 * 86400
+#: How long the identifier → bucket index of sent events is kept (seconds): Stripe's error reports
+#: come within hours of the validation.
+SENT_TTL = 36 * 3600
 #: Shards of the identifier → bucket index.
 SENT_SHARDS = 64
 #: How long the buckets of refused events are kept (seconds): reconciliation's longest reach.
@@ -87,12 +96,14 @@ def decode(raw: bytes) -> OutboxEvent:
 # removed and journaled; one already gone (another sender, or an earlier ack) counts nothing.
 _ACK = Script.of("""
 local n = 0
+local now = redis.call('TIME')[1]
 for i = 2, #ARGV do
   local raw = redis.call('HGET', KEYS[1], ARGV[i])
   if raw then
     local e = cjson.decode(raw)
     local field = e[2] .. '|' .. e[1] .. '|' .. string.format('%.0f', math.floor(e[4] / 3600))
     redis.call('HINCRBY', KEYS[2], field, string.format('%.0f', e[3]))
+    redis.call('HSET', KEYS[2], field .. '@', now)
     redis.call('HDEL', KEYS[1], ARGV[i])
     n = n + 1
   end
@@ -100,6 +111,13 @@ end
 if n > 0 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
 return n
 """)
+# KEYS: journal; ARGV: keep, field, value: one inline-sent event journaled (with its once step)
+JOURNAL_ONE = """
+local now = redis.call('TIME')[1]
+redis.call('HINCRBY', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[3] .. '@', now)
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+"""
 # KEYS: outbox, held; ARGV: reason, identifiers: moved out of the stream, for finance.
 _HOLD = Script.of("""
 local n = 0
@@ -134,7 +152,19 @@ if ARGV[2] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 return 1
 """)
-_PENDING = Script.of("return redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')")
+_PENDING = Script.of("""
+local first = tonumber(ARGV[1])
+return redis.call('ZRANGE', KEYS[1], first, first + tonumber(ARGV[2]) - 1, 'WITHSCORES')
+""")
+_SHARDS = Script.of("""
+local used = tonumber(redis.call('HGET', KEYS[1], 'shards') or '0')
+if tonumber(ARGV[1]) > used then redis.call('HSET', KEYS[1], 'shards', ARGV[1]) return tonumber(ARGV[1]) end
+return used
+""")
+_ADD_KEPT = Script.of("""
+for i = 1, #ARGV do redis.call('SADD', KEYS[1], ARGV[i]) end
+return 1
+""")
 _OLDEST = Script.of("""
 local r = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {r[2] or '', redis.call('ZCARD', KEYS[1])}
@@ -150,6 +180,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """)
 _SMEMBERS = Script.of("return redis.call('SMEMBERS', KEYS[1])")
+_STAMP = Script.of("redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) return 1")
 _HLEN = Script.of("return redis.call('HLEN', KEYS[1])")
 _HMGET = Script.of("return redis.call('HMGET', KEYS[1], unpack(ARGV))")
 
@@ -157,6 +188,11 @@ _HMGET = Script.of("return redis.call('HMGET', KEYS[1], unpack(ARGV))")
 def outbox_key(subject: str) -> str:
     """The outbox of `subject`."""
     return key("outbox", tag=subject)
+
+
+def journal_key(subject: str, day: int) -> str:
+    """The journal of `subject` on UTC `day`."""
+    return key("journal", str(day), tag=subject)
 
 
 def shard_of(subject: str, shards: int) -> int:
@@ -187,10 +223,24 @@ class OutboxLedger(RedisLedger):
         """Name `subject` in its shard's index (kept when already there: the oldest time stays)."""
         await self.run(_INDEX, (self._index(shard_of(subject, shards)),), (enqueued, subject))
 
-    async def waiting(self, shard: int, limit: int) -> list[Waiting]:
-        """Up to `limit` subjects of `shard` with events waiting, the longest-waiting first."""
-        reply = await self.run(_PENDING, (self._index(shard),), (limit,))
+    async def waiting(self, shard: int, limit: int, start: int = 0) -> list[Waiting]:
+        """Up to `limit` subjects of `shard` with events waiting, the longest-waiting first,
+        from the `start`-th on."""
+        reply = await self.run(_PENDING, (self._index(shard),), (start, limit))
         return [Waiting(reply[i].decode(), float(reply[i + 1])) for i in range(0, len(reply), 2)]
+
+    async def index_at(self, subject: str, shard: int, oldest: int) -> None:
+        """Name `subject` in `shard`'s index at `oldest` (its oldest waiting event)."""
+        await self.run(_REINDEX, (self._index(shard),), (subject, oldest))
+
+    async def unindex(self, subject: str, shard: int) -> None:
+        """Take `subject` out of `shard`'s index."""
+        await self.run(_REINDEX, (self._index(shard),), (subject, ""))
+
+    async def shards_used(self, configured: int) -> int:
+        """The most shards any sender was configured with (recording `configured`): subjects
+        indexed under a larger count than today's are still read until they move."""
+        return int(await self.run(_SHARDS, (key("outbox-meta", tag="meta"),), (configured,)))
 
     async def oldest(self, shard: int) -> tuple[float | None, int]:
         """`(enqueue time of the longest-waiting subject or None, subjects waiting)` of `shard`."""
@@ -221,7 +271,7 @@ class OutboxLedger(RedisLedger):
             await self.run(_ADD, (key("journal-index", tag=str(day)),), (keep, subject))
         done = 0
         for day, identifiers in by_day.items():
-            keys = (outbox_key(subject), key("journal", str(day), tag=subject))
+            keys = (outbox_key(subject), journal_key(subject, day))
             done += int(await self.run(_ACK, keys, (keep, *identifiers)))
         await self._remember_sent(events)
         return done
@@ -229,7 +279,7 @@ class OutboxLedger(RedisLedger):
     async def hold(self, subject: str, identifiers: Iterable[str], reason: str) -> int:
         """Move events out of the stream into `subject`'s held events, with `reason` (and name the
         subject in `billingd:outbox-held-index` for `billingd meters`)."""
-        await self.run(_ADD, (key("outbox-held-index", tag="held"),), (REFUSED_TTL, subject))
+        await self.run(_ADD_KEPT, (key("outbox-held-index", tag="held"),), (subject,))  # kept as long as they are
         keys = (outbox_key(subject), key("outbox-held", tag=subject))
         return int(await self.run(_HOLD, keys, (reason, *identifiers)))
 
@@ -256,6 +306,15 @@ class OutboxLedger(RedisLedger):
         """Take or renew the lease `billingd:lease:{<name>}` (one holder across replicas)."""
         return bool(await self.run(_LEASE, (key("lease", tag=name),), (token, int(ttl * 1000))))
 
+    async def last_run(self, name: str) -> float | None:
+        """When the periodic job `name` (e.g. `reconcile`) last finished, by any replica (Unix s)."""
+        raw = await self.get_str(key("last-run", tag=name))
+        return float(raw) if raw else None
+
+    async def finished(self, name: str, at: float, keep: int) -> None:
+        """Record that the periodic job `name` finished at `at` (kept `keep` seconds)."""
+        await self.run(_STAMP, (key("last-run", tag=name),), (repr(at), keep))
+
     async def unlease(self, shard: int, token: str) -> None:
         """Give `shard` back (a no-op when `token` no longer holds it)."""
         await self.run(_UNLEASE, (key("outbox-lease", tag=f"o{shard}"),), (token,))
@@ -266,10 +325,16 @@ class OutboxLedger(RedisLedger):
         """Subjects with a journal of `day`."""
         return [m.decode() for m in await self.run(_SMEMBERS, (key("journal-index", tag=str(day)),), ())]
 
-    async def journal(self, subject: str, day: int) -> dict[str, int]:
-        """`<customer>|<meter>|<hour>` → value Stripe accepted, for `subject` on `day`."""
-        reply = await self.run(_READ, (key("journal", str(day), tag=subject),), ())
-        return {reply[i].decode(): int(reply[i + 1]) for i in range(0, len(reply), 2)}
+    async def journal(self, subject: str, day: int) -> dict[str, tuple[int, int]]:
+        """`<customer>|<meter>|<hour>` → `(value Stripe accepted, when it last grew)` (Unix s),
+        for `subject` on `day`."""
+        reply = await self.run(_READ, (journal_key(subject, day),), ())
+        fields = {reply[i].decode(): int(reply[i + 1]) for i in range(0, len(reply), 2)}
+        return {f: (v, fields.get(f + "@", 0)) for f, v in fields.items() if not f.endswith("@")}
+
+    async def index_journal_day(self, subject: str, day: int, keep: int) -> None:
+        """Name `subject` in the journal index of `day` (before its journal is written)."""
+        await self.run(_ADD, (key("journal-index", tag=str(day)),), (keep, subject))
 
     async def buckets_of(self, identifiers: Sequence[str], days: Iterable[int]) -> dict[str, str]:
         """`identifier → <customer>|<meter>|<hour>` of sent events (within `SENT_TTL`)."""
@@ -280,7 +345,7 @@ class OutboxLedger(RedisLedger):
                 if identifier not in found:
                     by_shard.setdefault(_sent_shard(identifier), []).append(identifier)
             for shard, names in by_shard.items():
-                values = await self.run(_HMGET, (_sent_key(shard, day),), names)
+                values = await self.run(_HMGET, (_sent_key(shard, day),), [_sent_field(n) for n in names])
                 found.update({n: v.decode() for n, v in zip(names, values, strict=True) if v is not None})
         return found
 
@@ -305,13 +370,21 @@ class OutboxLedger(RedisLedger):
         day = day_of(int(time.time()))
         by_shard: dict[int, list[str]] = {}
         for identifier, event in events:
-            by_shard.setdefault(_sent_shard(identifier), []).extend((identifier, event.bucket))
+            by_shard.setdefault(_sent_shard(identifier), []).extend((_sent_field(identifier), event.bucket))
         for shard, pairs in by_shard.items():
             await self.run(_SENT, (_sent_key(shard, day),), (SENT_TTL, *pairs))
 
     @staticmethod
     def _index(shard: int) -> str:
         return key("outbox-index", tag=f"o{shard}")
+
+
+def _sent_field(identifier: str) -> str:
+    """A compact name of an identifier in the sent index: 16 hex digits of its SHA-256 (a
+    `bd1-` identifier's own), about 80 bytes an event with its bucket."""
+    if identifier.startswith("bd1-") and len(identifier) >= 20:
+        return identifier[4:20]
+    return hashlib.sha256(identifier.encode()).hexdigest()[:16]
 
 
 def _sent_shard(identifier: str) -> int:

@@ -27,6 +27,7 @@ Quantities are integer micro-units (1 unit = 1,000,000): amounts such as 2.5 AI 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 
 from billingd.clients.ledger.base import LEDGER_MAX, RedisLedger, key
@@ -250,12 +251,19 @@ class UsageLedger(RedisLedger):
         )
         return bool(await self.run(_ENQUEUE, (record, outbox_key(subject)), outbox))
 
-    async def period(self, subject: str) -> tuple[int, int] | None:
-        """The subject's billing period `(start, end)` (Unix seconds), if billingd knows one."""
+    async def period(self, subject: str, now: int | None = None) -> tuple[int, int] | None:
+        """The subject's billing period `(start, end)` (Unix seconds, end exclusive) at `now`
+        (default: the present), if billingd knows one: a stored period that has passed is rolled
+        forward by its `interval`, as the usage script rolls it on the next event."""
         record = await self.hgetall(key("period", tag=subject))
         if "start" not in record or "end" not in record:
             return None
-        return int(record["start"]), int(record["end"])
+        start, end = int(record["start"]), int(record["end"])
+        now = int(time.time()) if now is None else now
+        interval = record.get("interval", "month")
+        if end <= now and interval in PERIODS and interval != "none":
+            return period_containing(interval, start, now)
+        return start, end
 
     async def set_period(self, subject: str, start: int, end: int, interval: str = "month") -> None:
         """Set the subject's billing period (Unix seconds, end exclusive; rolled by `interval`)."""
