@@ -63,6 +63,8 @@ def make_settings(sources: list[dict[str, Any]], **sections: Any) -> Settings:
         "supervisor": {"backoff_initial": "50ms", "backoff_max": "1s", "max_restarts": 5, "max_seconds": 60},
         "redis": {"url": RedisTarget.url, "cluster": RedisTarget.cluster, "timeout": "500ms"},
         "breakers": {"default": {"failure_threshold": 3, "reset_timeout": "500ms", "reset_timeout_max": "2s"}},
+        # no periodic reconciliation (the test Redis holds other tests' journals): tests that want it say so
+        "reconcile": {"interval": "0s"},
         "sources": sources,
     }
     for key, value in sections.items():

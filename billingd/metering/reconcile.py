@@ -233,7 +233,7 @@ class Reconciler:
         refused = await self._refused(first, last)
         customers = sorted({c for c, _ in journal})
         names = [meter] if meter is not None else sorted({n for _, n in journal} | set(self._meters))
-        meters = await self._comparable(names, report)
+        meters = await self._comparable(names, report) if customers else {}
         report.customers = len(customers)
         pairs = {(who, name): journal.get((who, name), {}) for who in customers for name in meters}
         stripe: dict[tuple[str, str], dict[int, int]] = {}

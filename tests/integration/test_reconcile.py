@@ -262,8 +262,8 @@ async def test_one_replica_reconciles_per_interval(redis, stripe_double):
     from billingd.telemetry import Metrics
 
     stripe_double.add_meter("ai_credits")
-    settings = make_settings([], stripe={"api_key": "sk_test_rec", "api_base": stripe_double.url,
-                                         "meters": {"ai_credits": "ai_credits"}})  # fmt: skip
+    stripe = {"api_key": "sk_test_rec", "api_base": stripe_double.url, "meters": {"ai_credits": "ai_credits"}}
+    settings = make_settings([], stripe=stripe, reconcile={"interval": "1h"})
     await redis.delete("billingd:lease:{reconcile}", "billingd:last-run:{reconcile}")
     clients = Clients(settings.redis, settings.stripe, Unguarded)
     replicas = [Metrics("test") for _ in range(3)]
