@@ -88,14 +88,12 @@ async def reconcile_row(days: int, latency: float) -> dict[str, Any]:
     day = first_hour * 3600 // 86400
     for c in range(days):
         subject, customer = f"ws-rec-{c}", f"cus_rec{c}"
-        fields = {f"{customer}|{METER}|{h}": 3 for h in range(first_hour, first_hour + 24)}
         for h in range(first_hour, first_hour + 24):
             double.book.foreign(METER, customer, 3, h * 3600 + 60)
             await redis.hset(key("journal", str(h * 3600 // 86400), tag=subject), mapping={
-                f"{customer}|{METER}|{h}": 3})  # fmt: skip
+                f"{customer}|{METER}|{h}": 3, f"{customer}|{METER}|{h}@": now - 7200})  # fmt: skip
         await redis.sadd(key("journal-index", tag=str(day)), subject)
         await redis.sadd(key("journal-index", tag=str(day + 1)), subject)
-        del fields
     sizes = []
     for c in range(min(days, 200)):
         for d in (day, day + 1):

@@ -48,7 +48,7 @@ import anyio
 import msgspec
 import structlog
 
-from billingd.clients.errors import DownstreamError
+from billingd.clients.errors import DownstreamError, Throttled
 from billingd.clients.ledger.base import key
 from billingd.clients.ledger.outbox import OutboxLedger, day_of, decode
 from billingd.clients.ledger.scripts import Script
@@ -65,6 +65,8 @@ CANCEL_WINDOW = 24 * 3600
 #: How old a meter event's timestamp may be (seconds; Stripe API reference, meter events: "within
 #: the past 35 calendar days").
 STRIPE_MAX_AGE = 35 * 86400
+#: How often one customer-meter read is tried again after a 429 (or an exhausted shared budget).
+THROTTLED_RETRIES = 5
 #: Stripe summary requests in flight at once (each still takes its slot of the shared budget).
 READS_IN_FLIGHT = 16
 
@@ -240,9 +242,16 @@ class Reconciler:
         limiter = anyio.CapacityLimiter(READS_IN_FLIGHT)
 
         async def read(who: str, name: str) -> None:
-            async with limiter:
-                stripe[who, name], requests = await self._stripe_hours(meters[name], who, first, last)
-                report.requests += requests
+            for attempt in range(THROTTLED_RETRIES + 1):
+                try:
+                    async with limiter:
+                        stripe[who, name], requests = await self._stripe_hours(meters[name], who, first, last)
+                        report.requests += requests
+                    return
+                except Throttled as exc:  # Stripe's 429 or the shared budget: wait as told, then again
+                    if attempt == THROTTLED_RETRIES:
+                        raise
+                    await anyio.sleep(exc.retry_after)
 
         async with anyio.create_task_group() as tg:
             for who, name in pairs:
