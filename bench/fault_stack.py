@@ -13,10 +13,10 @@ from pathlib import Path
 
 import anyio
 
-from tests.support import free_port, http_ready
+from tests.support import fauxqs_cli, free_port, http_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-FAUXQS = ROOT / ".local-stack" / "node_modules" / "fauxqs" / "dist" / "cli.js"
+FAUXQS = fauxqs_cli()
 
 
 class Fauxqs:

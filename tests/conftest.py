@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aio_pika
-import hypothesis  # noqa: F401 — imported early: a lazy import in pytest's summary hits a CPython 3.11.7 compile bug
+import hypothesis  # imported early: a lazy import in pytest's summary hits a CPython 3.11.7 compile bug
+import hypothesis.configuration
+import hypothesis.database
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -16,9 +18,17 @@ from billingd.daemon.logging import configure_logging
 from tests.cluster import RedisClusterServer
 from tests.doubles.server import Sink
 from tests.doubles.stripe import StripeDouble
-from tests.support import AMQP_URL, REDIS_URL, Amqp, RedisTarget, Sqs, start_fauxqs, start_moto
+from tests.support import AMQP_URL, REDIS_URL, Amqp, RedisTarget, Sqs, cache_dir, start_fauxqs, start_moto
 
 configure_logging("warning", "console")
+
+# Hypothesis keeps the examples it found (and its cache of the code's constants) in the cache
+# directory, never in the work tree
+hypothesis.configuration.set_hypothesis_home_dir(cache_dir() / "hypothesis")
+hypothesis.settings.register_profile(
+    "billingd", database=hypothesis.database.DirectoryBasedExampleDatabase(str(cache_dir() / "hypothesis"))
+)
+hypothesis.settings.load_profile("billingd")
 
 # the SQS emulator accepts any credentials; billingd finds these through the standard AWS chain
 for _name, _value in (

@@ -8,6 +8,7 @@ import random
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -540,27 +541,39 @@ def start_moto() -> tuple[Any, str]:
     return process, _listening(process, port, "moto server")
 
 
+def cache_dir() -> Path:
+    """Where the tests keep what outlives a run (fauxqs's npm install, Hypothesis's examples):
+    `$BILLINGD_CACHE_DIR`, else `$XDG_CACHE_HOME/billingd`, else `~/.cache/billingd` — never the
+    work tree (`deploy/local/sqs.sh` installs fauxqs there too)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("BILLINGD_CACHE_DIR") or os.path.join(base, "billingd"))
+
+
+def fauxqs_cli() -> Path:
+    """fauxqs 1.9.2's entry point in the cache directory (the last version that runs on Node 20)."""
+    return cache_dir() / "fauxqs-1.9.2" / "node_modules" / "fauxqs" / "dist" / "cli.js"
+
+
 def start_fauxqs() -> tuple[Any, str]:
     """fauxqs (the SQS emulator of the local stack and the benchmarks) on a spare loopback port:
-    `(process, endpoint URL)`. Installed from npm into `.local-stack/` on first use, as
-    `deploy/local/sqs.sh` does.
+    `(process, endpoint URL)`. Installed from npm into the cache directory (`cache_dir()`, outside
+    the work tree) on first use, as `deploy/local/sqs.sh` does.
 
     Raises:
         RuntimeError: Node.js is missing, the install failed, or it did not start within 30 s.
     """
     import shutil
     import subprocess
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    cli = root / ".local-stack" / "node_modules" / "fauxqs" / "dist" / "cli.js"
+    cli = fauxqs_cli()
     if shutil.which("node") is None or shutil.which("npm") is None:
         raise RuntimeError("fauxqs needs Node.js 20+ and npm (apt-get install nodejs npm)")
     if not cli.exists():
-        (root / ".local-stack").mkdir(exist_ok=True)
+        prefix = cli.parents[3]
+        prefix.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", ".local-stack", "fauxqs@1.9.2"],
-            cwd=root,
+            ["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix), "fauxqs@1.9.2"],
+            cwd=prefix,
             check=True,
             capture_output=True,
             timeout=300,

@@ -3,7 +3,9 @@
 # something already answers there (another project's fauxqs, moto or LocalStack), then create the
 # queues of deploy/local/fauxqs-init.json on whichever emulator it is, idempotently, with their
 # DLQs and redrive policies (deploy/local/sqs_queues.py).
-# Installs fauxqs@1.9.2 from npm into .local-stack/ (the last version that runs on Node 20).
+# Installs fauxqs@1.9.2 from npm (the last version that runs on Node 20) into the cache directory,
+# ${BILLINGD_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/billingd}, where the tests find it too; its log
+# and pid are there as well.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 port="${FAUXQS_PORT:-4566}"
@@ -26,14 +28,16 @@ if ((major < 20)); then
   echo "[sqs] fauxqs needs Node.js 20 or later, this is $(node -v): install a newer nodejs (e.g. from NodeSource)" >&2
   exit 1
 fi
-mkdir -p .local-stack
-if [[ ! -f .local-stack/node_modules/fauxqs/dist/cli.js ]]; then
-  echo "[sqs] installing fauxqs@1.9.2" >&2
-  npm install --silent --no-audit --no-fund --prefix .local-stack fauxqs@1.9.2 >/dev/null
+cache="${BILLINGD_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/billingd}"
+prefix="$cache/fauxqs-1.9.2"
+mkdir -p "$prefix"
+if [[ ! -f "$prefix/node_modules/fauxqs/dist/cli.js" ]]; then
+  echo "[sqs] installing fauxqs@1.9.2 into $prefix" >&2
+  npm install --silent --no-audit --no-fund --prefix "$prefix" fauxqs@1.9.2 >/dev/null
 fi
 FAUXQS_PORT="$port" FAUXQS_LOGGER=false FAUXQS_INIT="deploy/local/fauxqs-init.json" \
-  nohup node .local-stack/node_modules/fauxqs/dist/cli.js >.local-stack/fauxqs.log 2>&1 &
-echo $! >.local-stack/fauxqs.pid
+  nohup node "$prefix/node_modules/fauxqs/dist/cli.js" >"$cache/fauxqs.log" 2>&1 &
+echo $! >"$cache/fauxqs.pid"
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:${port}/health" >/dev/null 2>&1 && break; sleep 0.1; done
 echo "[sqs] fauxqs on 127.0.0.1:${port}" >&2
 create_queues

@@ -59,9 +59,14 @@ from billingd.sources.codecs import encode_body
 from tests.jasmin_capture import Captured, load
 from tests.jasmin_capture import properties as jasmin_properties
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# where the stack runs (the same variables billingd.toml reads; the defaults are the local stack's)
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+SQS_ENDPOINT = os.environ.get("AWS_ENDPOINT_URL", "http://127.0.0.1:4566")
+SQS = os.environ.get(
+    "SQS_QUEUE_BASE", f"http://sqs.us-east-1.localhost:{SQS_ENDPOINT.rsplit(':', 1)[-1]}/000000000000/"
+)
 RUN = f"{int(time.time()):x}"  # idempotency keys are per run: Redis remembers earlier runs' events
-SQS = "http://sqs.us-east-1.localhost:4566/000000000000/"
 USERS = ["user-123", "user-456", "user-789"]
 WORKSPACE = "ws_abc123"
 
@@ -379,7 +384,7 @@ def senders(rng: random.Random, sqs: Any, http: aiohttp.ClientSession) -> tuple[
         return len(story)
 
     async def entitlements() -> None:  # what the Stripe subscription sync would have written
-        redis = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+        redis = aioredis.Redis.from_url(REDIS_URL)
         try:
             ledger = UsageLedger(redis, Unguarded("redis"))
             for user in USERS:
@@ -447,7 +452,7 @@ async def main() -> None:
     rng = random.Random(7)
     async with (
         aiohttp.ClientSession() as http,
-        aioboto3.Session().client("sqs", region_name="us-east-1", endpoint_url="http://127.0.0.1:4566") as sqs,
+        aioboto3.Session().client("sqs", region_name="us-east-1", endpoint_url=SQS_ENDPOINT) as sqs,
     ):
         streams, amqp = senders(rng, sqs, http)
         try:
