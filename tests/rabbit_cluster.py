@@ -22,7 +22,9 @@ BIN = Path("/usr/lib/rabbitmq/bin")
 class RabbitCluster:
     """Three RabbitMQ nodes joined into one cluster (see module docstring)."""
 
-    def __init__(self, names: tuple[str, ...] = ("a", "b", "c")) -> None:
+    def __init__(self, names: tuple[str, ...] = ("a", "b", "c"), conf: str = "") -> None:
+        self.conf = conf
+        """More `rabbitmq.conf` lines for every node (a TLS listener, say)."""
         self.directory = Path(tempfile.mkdtemp(prefix="billingd-rabbit-"))
         self.cookie = secrets.token_hex(16)
         (self.directory / ".erlang.cookie").write_text(self.cookie)
@@ -60,6 +62,7 @@ class RabbitCluster:
             "RABBITMQ_PID_FILE": str(base / "pid"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+            "ERL_CRASH_DUMP": str(base / "erl_crash.dump"),  # never into the work tree
             # the guest user may log in over loopback only, which is all this cluster serves
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-rabbit loopback_users []",
         }
@@ -69,6 +72,7 @@ class RabbitCluster:
         result = subprocess.run(
             [str(BIN / "rabbitmqctl"), "-n", self.node(name), *args],
             env=self._env(name),
+            cwd=self.directory,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -82,11 +86,11 @@ class RabbitCluster:
         """Start node `name` (detached) and wait until it runs."""
         base = self.directory / name
         (base / "log").mkdir(parents=True, exist_ok=True)
-        (base / "rabbitmq.conf").write_text("loopback_users = none\n")
+        (base / "rabbitmq.conf").write_text("loopback_users = none\n" + self.conf)
         with (base / "log" / "console.log").open("ab") as console:
             subprocess.Popen(
                 [str(BIN / "rabbitmq-server")], env=self._env(name), stdout=console, stderr=console,
-                start_new_session=True,
+                start_new_session=True, cwd=base,
             )  # fmt: skip
         deadline = time.monotonic() + 90
         while True:  # the node registers with epmd a moment after its VM starts

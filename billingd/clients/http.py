@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from billingd.clients.errors import DownstreamRejected, DownstreamUnavailable, Guard
+from billingd.telemetry.redact import bare_url, scrub
 from billingd.telemetry.tracing import child_span
 
 SNIPPET = 200
@@ -37,7 +38,7 @@ class HttpForwarder:
         """
         if self._tracer is None:
             return await self._guard.call(self._post, url, body, headers)
-        with child_span(self._tracer, f"POST {self.name}", {"http.request.method": "POST", "url.full": url}):
+        with child_span(self._tracer, f"POST {self.name}", {"http.request.method": "POST", "url.full": bare_url(url)}):
             return await self._guard.call(self._post, url, body, headers)
 
     async def _post(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
@@ -48,10 +49,11 @@ class HttpForwarder:
                 status = response.status
                 snippet = (await response.text(errors="replace"))[:SNIPPET]
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise DownstreamUnavailable(self.name, f"POST {url}: {type(exc).__name__}: {exc}") from exc
+            text = scrub(str(exc).replace(url, bare_url(url)))  # aiohttp's InvalidURL is the whole URL
+            raise DownstreamUnavailable(self.name, f"POST {bare_url(url)}: {type(exc).__name__}: {text}") from exc
         if 200 <= status < 300:
             return status
-        detail = f"POST {url}: HTTP {status}: {snippet}"
+        detail = f"POST {bare_url(url)}: HTTP {status}: {snippet}"
         if status == 429 or status >= 500:
             raise DownstreamUnavailable(self.name, detail)
         raise DownstreamRejected(self.name, detail)

@@ -17,7 +17,7 @@ from billingd.clients.ledger.outbox import OutboxLedger
 from billingd.clients.ledger.payments import PaymentLedger
 from billingd.clients.ledger.subscriptions import SubscriptionLedger
 from billingd.clients.redis import RedisClient, connect_redis
-from billingd.config.model import RedisSettings, StripeSettings
+from billingd.config.model import RedisSettings, StripeSettings, TlsSettings
 
 if TYPE_CHECKING:
     from billingd.clients.stripe import StripeGateway
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 class Clients:
     """Lazily built downstream clients sharing one Redis pool; `guard(name)` gives the breaker of a
-    downstream.
+    downstream; `redis_tls` is `[redis] tls` resolved (`Settings.tls_of`).
 
     Handlers take what they need from here at construction, so a daemon whose sources never touch
     Stripe never builds a Stripe client.
@@ -39,10 +39,15 @@ class Clients:
         guard: Callable[[str], Guard],
         metrics: Metrics | None = None,
         tracer: Any = None,
+        redis_tls: TlsSettings | None = None,
     ) -> None:
         self.tracer = tracer
         """An OpenTelemetry tracer for child spans of the clients' calls (None: traces off)."""
         self._redis_settings = redis
+        self._redis_tls = (
+            redis_tls if redis_tls is not None else redis.tls if isinstance(redis.tls, TlsSettings) else None
+        )
+        """`[redis] tls` resolved (a `[tls.<name>]` table named there is passed in)."""
         self._stripe_settings = stripe
         self.guard = guard
         self._metrics = metrics
@@ -51,7 +56,7 @@ class Clients:
     @cached_property
     def redis(self) -> RedisClient:
         """The shared Redis client (`[redis]`)."""
-        return connect_redis(self._redis_settings)
+        return connect_redis(self._redis_settings, self._redis_tls)
 
     @cached_property
     def batcher(self) -> CommandBatcher:

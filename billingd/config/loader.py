@@ -18,17 +18,28 @@ import msgspec
 
 from billingd.config.durations import Duration
 from billingd.config.env import expand_tree
-from billingd.config.model import SQS_MAX_VISIBILITY, SQS_MAX_WAIT, AmqpSourceSettings, Settings, SqsSourceSettings
+from billingd.config.model import (
+    SQS_MAX_VISIBILITY,
+    SQS_MAX_WAIT,
+    AmqpSourceSettings,
+    Settings,
+    SqsSourceSettings,
+    TlsSettings,
+)
+from billingd.config.tls import TlsFileError, client_context
+from billingd.telemetry.redact import scrub
 
 T = TypeVar("T")
 
 #: Keys whose values are secrets → the variable DESIGN §4 reads them from. A secret must come
-#: from the environment (`${VAR}`), never be written in the file.
+#: from the environment (`${VAR}`), a file (`${file:/run/secrets/…}`) or a systemd credential
+#: (`${credential:NAME}`), never be written in the file.
 SECRET_KEYS = {
     "stripe.api_key": "STRIPE_SECRET_KEY",
     "stripe.webhook_secret": "STRIPE_WEBHOOK_SECRET",
     "razorpay.key_secret": "RAZORPAY_KEY_SECRET",
     "razorpay.webhook_secret": "RAZORPAY_WEBHOOK_SECRET",
+    "redis.password": "REDIS_PASSWORD",
 }
 
 
@@ -36,7 +47,7 @@ class ConfigError(Exception):
     """An invalid configuration. `errors` holds one `"path: message"` line per problem."""
 
     def __init__(self, errors: list[str], path: str | None = None) -> None:
-        self.errors = errors
+        self.errors = [scrub(e) for e in errors]  # a value echoed back may be a URL with its password
         self.path = path
         where = f"{path}: " if path else ""
         super().__init__(f"{where}{len(errors)} configuration error(s):\n  " + "\n  ".join(errors))
@@ -74,7 +85,7 @@ def parse_config(text: str, environ: Mapping[str, str] | None = None) -> Setting
     _walk(tree, Settings, "", errors)
     if errors:
         raise ConfigError(errors)
-    settings = msgspec.convert(tree, Settings, strict=False, dec_hook=_dec_hook)
+    settings = msgspec.convert(_resolve_tls_names(tree), Settings, strict=False, dec_hook=_dec_hook)
     errors += semantic_errors(settings)
     if errors:
         raise ConfigError(errors)
@@ -118,6 +129,7 @@ def semantic_errors(settings: Settings) -> list[str]:
             "reset_timeout_max",
             resolved.reset_timeout_max,
         )
+    errors += _tls_errors(settings)
     seen: dict[str, int] = {}
     for i, source in enumerate(settings.sources):
         path = f"sources[{i}]"
@@ -140,6 +152,48 @@ def semantic_errors(settings: Settings) -> list[str]:
         else:
             errors += _amqp_errors(source, path)
     return errors
+
+
+def _tls_errors(settings: Settings) -> list[str]:
+    """Each `tls` key names a table, goes with a TLS URL, and its files make a context."""
+    errors: list[str] = []
+    checked: set[str] = set()
+
+    def usable(path: str, choice: TlsSettings | str | None, schemes: set[str], tls_scheme: str) -> None:
+        if isinstance(choice, str) and choice not in settings.tls:
+            known = ", ".join(sorted(settings.tls)) or "none"
+            errors.append(f"{path}.tls: no [tls.{choice}] table (known: {known}): add it, or write the keys inline")
+            return
+        if len(schemes) > 1:
+            errors.append(f"{path}.url: mixes {' and '.join(sorted(schemes))} nodes: use {tls_scheme}:// for all")
+        elif choice is not None and tls_scheme not in schemes:
+            errors.append(f"{path}.tls: the URL is not {tls_scheme}://: write {tls_scheme}:// to connect over TLS")
+        if choice is None or (isinstance(choice, str) and choice in checked):
+            return
+        where = f"tls.{choice}" if isinstance(choice, str) else f"{path}.tls"
+        if isinstance(choice, str):
+            checked.add(choice)
+        try:
+            client_context(settings.tls_of(choice) or TlsSettings())
+        except TlsFileError as exc:
+            errors.append(f"{where}.{exc}")
+
+    redis = settings.redis
+    usable("redis", redis.tls, {_scheme(redis.url)}, "rediss")
+    for i, source in enumerate(settings.sources):
+        if isinstance(source, SqsSourceSettings):
+            if source.tls is not None:
+                errors.append(
+                    f"sources[{i}].tls: SQS is reached over HTTPS with AWS's certificates: for a proxy's CA, "
+                    "set AWS_CA_BUNDLE"
+                )
+            continue
+        usable(f"sources[{i}]", source.tls, {_scheme(u) for u in source.urls}, "amqps")
+    return errors
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
 def _amqp_errors(source: AmqpSourceSettings, path: str) -> list[str]:
@@ -166,8 +220,8 @@ def _secrets_from_env(raw: dict[str, Any], from_env: set[str]) -> list[str]:
         value = table.get(name) if isinstance(table, dict) else None
         if isinstance(value, str) and value and key not in from_env:
             errors.append(
-                f'{key}: a secret must come from the environment: write "${{{var}}}" '
-                f"and set {var}, not the value itself"
+                f'{key}: a secret must not be written in the file: write "${{{var}}}" (and set {var}), '
+                f'"${{file:/run/secrets/…}}" or "${{credential:NAME}}"'
             )
     return errors
 
@@ -183,8 +237,31 @@ def check_value(value: Any, typ: Any, path: str) -> list[str]:
 
 def convert(value: Any, typ: type[T]) -> T:
     """Decode an already-checked `value` into `typ` with the config's rules (durations, lax
-    scalars). Raises msgspec.ValidationError when `check_value` would have reported errors."""
+    scalars; for `Settings`, `tls` names resolved). Raises msgspec.ValidationError when
+    `check_value` would have reported errors."""
+    if typ is Settings:
+        value = _resolve_tls_names(value)
     return msgspec.convert(value, typ, strict=False, dec_hook=_dec_hook)
+
+
+def _resolve_tls_names(tree: Any) -> Any:
+    """A copy of `tree` where every `tls = "<name>"` of `[redis]` and `[[sources]]` is replaced
+    by the `[tls.<name>]` table (an unknown name stays, for `semantic_errors` to report): what
+    runs sees only tables, and a change of a shared table restarts what uses it."""
+    if not isinstance(tree, dict):
+        return tree
+    found = tree.get("tls")
+    tables: dict[str, Any] = found if isinstance(found, dict) else {}
+
+    def resolved(section: Any) -> Any:
+        if isinstance(section, dict) and isinstance(section.get("tls"), str) and section["tls"] in tables:
+            return {**section, "tls": tables[section["tls"]]}
+        return section
+
+    out = {**tree, "redis": resolved(tree.get("redis"))} if "redis" in tree else dict(tree)
+    if isinstance(tree.get("sources"), list):
+        out["sources"] = [resolved(s) for s in tree["sources"]]
+    return out
 
 
 def _dec_hook(typ: type, obj: Any) -> Any:
@@ -233,6 +310,8 @@ def _struct_choice(value: Any, typ: Any, path: str, errors: list[str]) -> Any:
     members = [a for a in typing.get_args(typ) if isinstance(a, type) and issubclass(a, msgspec.Struct)]
     if not members or typing.get_origin(typ) not in (typing.Union, types.UnionType):
         return None
+    if not isinstance(value, dict) and len(members) < len([a for a in typing.get_args(typ) if a is not type(None)]):
+        return None  # a union of a table and a scalar (`tls = "name"`): the scalar is checked as a leaf
     if not isinstance(value, dict):
         errors.append(f"{path}: expected a table, got {_show(value)}")
         return _INVALID

@@ -76,6 +76,34 @@ class SupervisorSettings(_Section, frozen=True):
     backoff_max: Duration = Duration(30)
 
 
+class TlsSettings(_Section, frozen=True):
+    """A TLS client configuration: `[[sources]] tls`, `[redis] tls`, or a shared `[tls.<name>]`
+    table that those name. TLS itself is chosen by the URL's scheme (`amqps://`, `rediss://`);
+    this says how to verify the server and whether to present a client certificate.
+
+    Every file is PEM and read again at each connection attempt (a renewed certificate is used
+    without a restart; `billingd check` reads them all)."""
+
+    ca_file: str = ""
+    """The CA certificates the server's chain must end in; empty: the system's trust store."""
+    cert_file: str = ""
+    """A client certificate (mutual TLS), with `key_file`."""
+    key_file: str = ""
+    """The client certificate's private key (unencrypted PEM)."""
+    server_name: str = ""
+    """The name the server's certificate must carry (and sent as SNI); empty: the URL's host.
+    For nodes reached by address (a Redis Cluster's announced IPs) whose certificate names a host."""
+    verify: bool = True
+    """Verify the server's chain and name. `false` encrypts without authenticating the server:
+    anyone on the path can impersonate it (`billingd check` warns)."""
+
+
+#: A `tls` key: a table of its own, or the name of a `[tls.<name>]` table.
+TlsChoice = (
+    TlsSettings | Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,63}$", description="a [tls.<name>] table's name")]
+)
+
+
 class RedisSettings(_Section, frozen=True):
     """`[redis]`: the ledger's Redis. `timeout` bounds connect and every command (seconds).
 
@@ -87,6 +115,16 @@ class RedisSettings(_Section, frozen=True):
     message is acked, so a failover cannot lose an acked message's effect."""
 
     url: str = "redis://127.0.0.1:6379/0"
+    """`redis://` (plain) or `rediss://` (TLS, verified by default: see `tls`), with the database,
+    and optionally `user:password@` (or use `username` and `password`)."""
+    username: str = ""
+    """The ACL user (Redis 6+; ElastiCache RBAC); empty: the URL's, else `default`."""
+    password: str = ""
+    """The password of `username` (or the AUTH token); empty: the URL's. A secret: from the
+    environment, a file or a credential (`${file:/run/secrets/redis}`)."""
+    tls: TlsChoice | None = None
+    """How TLS (`rediss://`) verifies Redis — every node of a Cluster, and the Sentinels and the
+    master they name."""
     timeout: Duration = Duration(2)
     max_connections: PositiveInt = 64
     cluster: bool = False
@@ -256,6 +294,8 @@ class SourceSettings(_Section, frozen=True, tag_field="type"):
     partition_by: str | None = None
     ack_flush: Duration = Duration(0.1)
     handler_options: dict[str, Any] = field(default_factory=dict)
+    tls: TlsChoice | None = None
+    """How TLS verifies the broker (an `amqps://` URL, or an SQS `endpoint_url` over `https://`)."""
 
     @property
     def workers(self) -> int:
@@ -300,7 +340,7 @@ class AmqpSourceSettings(SourceSettings, frozen=True, tag="amqp", kw_only=True):
 
     url: str | Annotated[list[str], Meta(min_length=1)] = "amqp://guest:guest@127.0.0.1:5672/"
     """The broker, or the nodes of a RabbitMQ cluster (a list): billingd connects to one and
-    moves to the next when it is lost."""
+    moves to the next when it is lost. `amqps://` is TLS (port 5671 by default; see `tls`)."""
     exchange: str
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
     exchange_declare: Literal["durable", "transient", "passive"] = "durable"
@@ -340,7 +380,17 @@ class Settings(_Section, frozen=True):
     razorpay: RazorpaySettings = field(default_factory=RazorpaySettings)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     breakers: dict[BreakerName, BreakerSettings] = field(default_factory=dict)
+    tls: dict[Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,63}$")], TlsSettings] = field(default_factory=dict)
+    """Shared TLS configurations, named by `tls = "<name>"` in `[[sources]]` and `[redis]`."""
     sources: list[AnySource] = field(default_factory=list)
+
+    def tls_of(self, choice: TlsSettings | str | None) -> TlsSettings | None:
+        """The TLS configuration a `tls` key gives (its own table, or the `[tls.<name>]` table it
+        names — the loader has already put the table in its place); None when unset. Raises
+        KeyError for an unknown name (the loader refuses it)."""
+        if isinstance(choice, str):
+            return self.tls[choice]
+        return choice
 
     def breaker(self, name: str) -> ResolvedBreaker:
         """Effective settings of breaker `name` (`redis`, `stripe`, `forward:<x>`, …)."""

@@ -5,6 +5,7 @@ systemd notifications, exit codes.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -18,6 +19,7 @@ from billingd import __version__
 from billingd.clients import Clients
 from billingd.config import ConfigError, Settings
 from billingd.config.model import AnySource
+from billingd.config.secrets import secrets_of
 from billingd.daemon.exits import EXIT_FORCED, EXIT_OK, EXIT_SOFTWARE
 from billingd.daemon.http import start_http
 from billingd.daemon.loop import loop_name
@@ -32,6 +34,7 @@ from billingd.supervisors.breaker import BreakerBoard
 from billingd.supervisors.poison import PoisonLog
 from billingd.supervisors.supervisor import Child, Supervisor
 from billingd.telemetry.metrics import Metrics
+from billingd.telemetry.redact import Redactor
 from billingd.telemetry.status import SourceStatus
 from billingd.telemetry.tracing import Tracing
 
@@ -76,8 +79,11 @@ class Daemon:
         rng: random.Random | None = None,
         exit_process: Callable[[int], None] | None = None,
         tracing: Tracing | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.settings = settings
+        self.redactor = redactor or Redactor(secrets_of(settings, os.environ))
+        """Masks the configuration's secrets in `/readyz` (and, given by the CLI, in the logs)."""
         self.config_path = config_path
         self.handlers = handlers
         self.handle_signals = handle_signals
@@ -86,7 +92,14 @@ class Daemon:
         self.tracing = tracing or Tracing(__version__)
         self.registry = self.metrics.registry
         self.board = BreakerBoard(settings, self.metrics)
-        self.clients = Clients(settings.redis, settings.stripe, self.board.get, self.metrics, self.tracing.tracer)
+        self.clients = Clients(
+            settings.redis,
+            settings.stripe,
+            self.board.get,
+            self.metrics,
+            self.tracing.tracer,
+            redis_tls=settings.tls_of(settings.redis.tls),
+        )
         self.supervisor = Supervisor(settings.supervisor, rng=rng, on_escalate=self._on_escalate)
         self.statuses: dict[str, SourceStatus] = {s.name: SourceStatus(s.name) for s in settings.sources}
         self.draining = False
@@ -320,6 +333,7 @@ class Daemon:
                 self.metrics.config_reloads.labels("error").inc()
                 log.error("config reload rejected: still running the previous config", errors=exc.errors)
                 return False
+            self.redactor.add(secrets_of(new, os.environ))  # before anything about it is logged
             plan = plan_reload(self.settings, new)
             if plan.needs_restart:
                 log.warning("config reload: these sections take effect after a restart", sections=plan.needs_restart)
@@ -374,4 +388,7 @@ class Daemon:
         """Ready when not draining and every source is connected."""
         sources = {name: status.as_dict() for name, status in self.statuses.items()}
         ready = not self.draining and self.supervisor.alive and all(s.up for s in self.statuses.values())
-        return ready, {"ready": ready, "draining": self.draining, "sources": sources}
+        body: dict[str, object] = self.redactor.scrub_obj(
+            {"ready": ready, "draining": self.draining, "sources": sources}
+        )
+        return ready, body

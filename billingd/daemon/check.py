@@ -142,7 +142,7 @@ async def redis_durability(settings: Settings, within: float = 3.0) -> tuple[lis
     acked."""
     from billingd.clients.redis import connect_redis
 
-    client = connect_redis(settings.redis)
+    client = connect_redis(settings.redis, settings.tls_of(settings.redis.tls))
     try:
         with anyio.fail_after(within):
             replication = await client.info("replication")

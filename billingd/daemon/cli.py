@@ -14,8 +14,10 @@ import anyio
 
 from billingd import __version__
 from billingd.config import ConfigError
+from billingd.config.secrets import secrets_of
 from billingd.daemon.app import Daemon
 from billingd.daemon.check import broker_warnings, describe, redis_durability, stripe_meter_check
+from billingd.daemon.check_tls import connection_report
 from billingd.daemon.exits import EXIT_CONFIG, EXIT_FORCED
 from billingd.daemon.logging import configure_logging
 from billingd.daemon.loop import loop_options
@@ -24,6 +26,7 @@ from billingd.daemon.notify import Notifier
 from billingd.daemon.tools_cli import add_commands, run_tool
 from billingd.daemon.validation import validate
 from billingd.handlers.registry import HANDLERS
+from billingd.telemetry.redact import Redactor
 from billingd.telemetry.tracing import Tracing, TracingMisconfigured
 
 
@@ -82,6 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  traces: {'on (OpenTelemetry, from the OTEL_* variables)' if tracing.enabled else 'off'}")
         for line in describe(settings, HANDLERS):
             print(line)
+        if not args.offline:
+            connections, insecure, refused_tls = anyio.run(connection_report, settings, backend="asyncio")
+            print("connections:")
+            for line in connections:
+                print(line)
+            if insecure:
+                print("warnings (connections):")
+                for line in insecure:
+                    print(line)
+            if refused_tls:
+                print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
+                for error in refused_tls:
+                    print(f"  {error}", file=sys.stderr)
+                return EXIT_CONFIG
         meters, refused = ([], []) if args.offline else anyio.run(stripe_meter_check, settings, backend="asyncio")
         for line in meters:
             print(line)
@@ -102,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(line)
         from billingd.metering.service import wants_sender
 
-        if volatile and wants_sender(settings) and not settings.stripe.outbox_on_volatile_redis:
+        outbox = wants_sender(settings) and settings.stripe.meter_delivery == "outbox"
+        if volatile and outbox and not settings.stripe.outbox_on_volatile_redis:
             print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
             print(
                 "  stripe.meter_delivery: the meter outbox lives in Redis, and this Redis has neither persistence nor "
@@ -112,9 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_CONFIG
         return 0
-    configure_logging(settings.daemon.log_level, settings.daemon.log_format)
+    redactor = Redactor(secrets_of(settings, os.environ))
+    configure_logging(settings.daemon.log_level, settings.daemon.log_format, redactor=redactor)
     try:
-        daemon = Daemon(settings, config_path=path, notifier=Notifier(), exit_process=os._exit, tracing=tracing)
+        daemon = Daemon(
+            settings, config_path=path, notifier=Notifier(), exit_process=os._exit, tracing=tracing, redactor=redactor
+        )
         return anyio.run(daemon.run, backend="asyncio", backend_options=loop_options(settings.daemon.uvloop))
     except OSError as exc:
         print(f"billingd: cannot serve HTTP on {settings.http.listen}: {exc}", file=sys.stderr)

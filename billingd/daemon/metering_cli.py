@@ -91,7 +91,7 @@ async def _reconcile(settings: Settings, args: argparse.Namespace, since: int, u
     from billingd.clients import Clients, Unguarded
     from billingd.metering.service import reconciler
 
-    clients = Clients(settings.redis, settings.stripe, Unguarded)
+    clients = Clients(settings.redis, settings.stripe, Unguarded, redis_tls=settings.tls_of(settings.redis.tls))
     try:
         report = await reconciler(settings, clients, None).run(
             since=since, until=until, customer=args.customer, meter=args.meter, fix=args.fix
@@ -130,7 +130,7 @@ def _print_report(report: Any) -> None:
 async def _meters(settings: Settings) -> int:
     from billingd.clients import Clients, Unguarded
 
-    clients = Clients(settings.redis, settings.stripe, Unguarded)
+    clients = Clients(settings.redis, settings.stripe, Unguarded, redis_tls=settings.tls_of(settings.redis.tls))
     outbox, shards, now = clients.outbox, settings.stripe.outbox_shards, time.time()
     try:
         waiting, oldest = 0, None

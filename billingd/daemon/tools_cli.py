@@ -15,6 +15,7 @@ from billingd import __version__
 from billingd.config import ConfigError, load_config
 from billingd.daemon.exits import EXIT_CONFIG, EXIT_DATAERR, EXIT_UNAVAILABLE, EXIT_USAGE
 from billingd.sources import queue_tools
+from billingd.telemetry.redact import scrub
 from billingd.telemetry.tracing import Tracing
 
 
@@ -71,7 +72,7 @@ def run_tool(args: argparse.Namespace, path: str) -> int:
                 total = await tools.dead_letter_count()
                 letters = await tools.sample(min(args.limit, total)) if total else []
                 print(f"{source.name}: {total} dead letter(s)")
-                for reason, count in Counter(letter.reason for letter in letters).most_common():
+                for reason, count in Counter(scrub(letter.reason) for letter in letters).most_common():
                     print(f"  {count:6d}  {reason}")
             else:
                 moved = await tools.replay(args.limit)
@@ -82,7 +83,7 @@ def run_tool(args: argparse.Namespace, path: str) -> int:
     try:
         return anyio.run(main, backend="asyncio")
     except Exception as exc:  # noqa: BLE001 — a tool reports the broker's answer and exits non-zero
-        print(f"billingd: {args.command} {source.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"billingd: {args.command} {source.name}: {type(exc).__name__}: {scrub(str(exc))}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     finally:
         tracing.shutdown(2.0)

@@ -23,6 +23,7 @@ import hashlib
 import uuid
 from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -33,8 +34,9 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
-from billingd.config.model import AmqpSourceSettings
-from billingd.sources.amqp_nodes import NodeConnection
+from billingd.config.model import AmqpSourceSettings, TlsSettings
+from billingd.config.tls import ContextSource
+from billingd.sources.amqp_nodes import NodeConnection, with_tls_hint
 from billingd.sources.amqp_settle import Acknowledger
 from billingd.sources.amqp_topology import declare, explain_precondition, redact
 from billingd.sources.amqp_wire import CONNECT_ERRORS, install_lenient_decoders, parse_attempts
@@ -76,6 +78,8 @@ class AmqpSource:
         self.receive_max = settings.prefetch
         self.settle_batch = max(64, settings.prefetch)
         self._settings = settings
+        self._tls = ContextSource(settings.tls if isinstance(settings.tls, TlsSettings) else TlsSettings())
+        """How `amqps://` nodes are verified (`tls`; a name was resolved by the loader)."""
         self._events = events
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -137,10 +141,11 @@ class AmqpSource:
                     timeout=CONNECT_TIMEOUT,
                     reconnect_interval=RECONNECT_INTERVAL,
                     client_properties={"connection_name": f"billingd {self.name}"},
-                    connection_class=NodeConnection,
+                    connection_class=partial(NodeConnection, tls=self._tls),
                 )
             except CONNECT_ERRORS as exc:
-                errors.append(f"{redact(urls[index])}: {exc or type(exc).__name__}")
+                text = with_tls_hint(str(exc) or type(exc).__name__, urls[index].startswith("amqps:"))
+                errors.append(f"{redact(urls[index])}: {text}")
                 continue
             assert isinstance(connection, NodeConnection)
             connection.nodes = [URL(u) for u in urls]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from functools import partial
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from billingd.config.model import AmqpSourceSettings
+from billingd.config.model import AmqpSourceSettings, TlsSettings
+from billingd.config.tls import ContextSource
+from billingd.sources.amqp_nodes import TlsConnection
 from billingd.sources.amqp_wire import persistent_copy
 from billingd.sources.codecs import encode_body
 from billingd.sources.letters import Letter, read_amqp, replay_amqp_headers
@@ -27,7 +30,12 @@ class AmqpTools:
         error: Exception | None = None
         for url in self._settings.urls:  # the first node that answers
             try:
-                self._connection = await aio_pika.connect(url, timeout=10)
+                tls = ContextSource(
+                    self._settings.tls if isinstance(self._settings.tls, TlsSettings) else TlsSettings()
+                )
+                self._connection = await aio_pika.connect(
+                    url, timeout=10, connection_class=partial(TlsConnection, tls=tls)
+                )
                 break
             except (OSError, aio_pika.exceptions.AMQPError, TimeoutError) as exc:
                 error = exc

@@ -62,6 +62,7 @@ from billingd.sources.sqs_client import open_source_clients
 from billingd.sources.sqs_lean import LEAN_OPERATIONS, LeanSqs
 from billingd.sources.sqs_wire import TRANSIENT as _TRANSIENT
 from billingd.sources.sqs_wire import read_attributes, receive_count, settleable
+from billingd.telemetry.redact import redact_url, scrub
 
 log = structlog.get_logger("billingd.sources.sqs")
 
@@ -130,7 +131,7 @@ class SqsSource:
             log.warning(
                 "no dead_letter_queue_url and no redrive policy: dead letters will be redelivered",
                 source=self.name,
-                queue_url=s.queue_url,
+                queue_url=redact_url(s.queue_url),
             )
         self._events.connection_changed(True, "")
 
@@ -138,13 +139,13 @@ class SqsSource:
         s = self._settings
         if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _MISSING_QUEUE:
             return SourceMisconfigured(
-                f"queue {s.queue_url} does not exist: create it, or fix sources.{s.name}.queue_url"
+                f"queue {redact_url(s.queue_url)} does not exist: create it, or fix sources.{s.name}.queue_url"
             )
         if isinstance(exc, NoCredentialsError | NoRegionError):
             return SourceMisconfigured(f"{exc}: set AWS credentials (AWS_ACCESS_KEY_ID, a profile or a role)")
         if isinstance(exc, ClientError | _TRANSIENT):
-            where = s.endpoint_url or f"SQS in {s.region}"
-            return SourceUnavailable(f"cannot reach {where}: {exc}")
+            where = redact_url(s.endpoint_url) or f"SQS in {s.region}"
+            return SourceUnavailable(f"cannot reach {where}: {scrub(str(exc))}")
         return exc
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from billingd.config.model import SourceSettings
 from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
 from billingd.sources.base import Delivery, Disposition, Settlement
 from billingd.supervisors.backoff import full_jitter
+from billingd.telemetry.redact import scrub
 
 
 def outcome_of(exc: Exception, *, retry_initial: float, rng: random.Random) -> Outcome | None:
@@ -42,7 +43,11 @@ def outcome_of(exc: Exception, *, retry_initial: float, rng: random.Random) -> O
 
 
 def settlement_of(delivery: Delivery, outcome: Outcome, settings: SourceSettings, rng: random.Random) -> Settlement:
-    """How `outcome` settles `delivery` under the source's retry settings (see module docstring)."""
+    """How `outcome` settles `delivery` under the source's retry settings (see module docstring).
+    The reason — an exception's text, kept with a dead letter until it is replayed — has URL
+    passwords and other credentials masked (`billingd.telemetry.redact.scrub`)."""
+    if isinstance(outcome, Retry | DeadLetter):
+        outcome = _scrubbed(outcome)
     if outcome is ACK:
         return Settlement(delivery, Disposition.ACK)
     if isinstance(outcome, Retry):
@@ -57,3 +62,12 @@ def settlement_of(delivery: Delivery, outcome: Outcome, settings: SourceSettings
     if isinstance(outcome, DeadLetter):
         return Settlement(delivery, Disposition.DEAD_LETTER, outcome.reason)
     raise TypeError(f"a handler returned {outcome!r}, which is not an Outcome")
+
+
+def _scrubbed(outcome: Retry | DeadLetter) -> Retry | DeadLetter:
+    reason = scrub(outcome.reason)
+    if reason == outcome.reason:
+        return outcome
+    if isinstance(outcome, DeadLetter):
+        return DeadLetter(reason)
+    return Retry(reason, delay=outcome.delay, counted=outcome.counted)

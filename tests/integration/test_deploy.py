@@ -50,6 +50,7 @@ def test_systemd_unit_verifies_cleanly(tmp_path):
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "LoadCredential=stripe-secret-key:",
     ):
         assert key in unit, key
     stop = int(re.search(r"TimeoutStopSec=(\d+)s", unit).group(1))
@@ -109,7 +110,7 @@ def test_kubernetes_manifests_are_valid_against_the_schemas():
         kubernetes_validate.validate(document, K8S_VERSION, strict=True)
 
 
-def test_the_deployment_drains_probes_and_runs_unprivileged():
+def test_the_deployment_drains_probes_and_runs_unprivileged(tmp_path):
     documents = k8s_documents()
     [deployment] = by_kind(documents, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -117,7 +118,17 @@ def test_the_deployment_drains_probes_and_runs_unprivileged():
     config = next(d for d in by_kind(documents, "ConfigMap") if d["metadata"]["name"].startswith("billingd-config"))
     env = next(d for d in by_kind(documents, "ConfigMap") if d["metadata"]["name"].startswith("billingd-env"))
     secret = yaml.safe_load((K8S / "secret-template.yaml").read_text())
-    settings = parse_config(config["data"]["billingd.toml"], {**env["data"], **secret["stringData"]})
+    # the Secret is mounted as files; the config reads each with ${file:<mount>/<key>}
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "secrets"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "secrets"]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"] and volume["secret"]["defaultMode"] == 0o400
+    for name, value in secret["stringData"].items():
+        (tmp_path / name).write_text(value)
+    text = config["data"]["billingd.toml"]
+    assert "${file:" + mount["mountPath"] + "/stripe-secret-key}" in text
+    settings = parse_config(text.replace(mount["mountPath"], str(tmp_path)), env["data"])
+    assert settings.stripe.api_key == secret["stringData"]["stripe-secret-key"]
+    assert not any(e.get("secretRef") for e in container.get("envFrom", []))  # secrets never in the environment
     assert pod["terminationGracePeriodSeconds"] > settings.daemon.drain_timeout + 5
     assert settings.http.host == "0.0.0.0"
     port = next(p for p in container["ports"] if p["name"] == "metrics")["containerPort"]
@@ -140,7 +151,7 @@ def test_the_deployment_drains_probes_and_runs_unprivileged():
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert scaled["spec"]["minReplicaCount"] <= deployment["spec"]["replicas"] <= scaled["spec"]["maxReplicaCount"]
     queues = {getattr(s, "queue", None) for s in settings.sources}
-    env_names = set(env["data"]) | set(secret["stringData"])
+    env_names = set(env["data"]) | {e["name"] for e in container["env"]}
     for trigger in scaled["spec"]["triggers"]:
         metadata = trigger["metadata"]
         if trigger["type"] == "aws-sqs-queue":  # KEDA docs: queueURL or queueURLFromEnv, awsRegion required

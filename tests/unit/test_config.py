@@ -127,13 +127,54 @@ def test_env_expansion_required_and_default():
     assert parse_config(text, {"REDIS_URL": "x", "LISTEN": "0.0.0.0:1"}).http.listen == "0.0.0.0:1"
 
 
-def test_secrets_must_come_from_the_environment():
+def test_secrets_must_not_be_written_in_the_file():
     errors = errors_of('[stripe]\napi_key = "sk_live_abc"\n' + A_SOURCE)
     assert errors == [
-        'stripe.api_key: a secret must come from the environment: write "${STRIPE_SECRET_KEY}" '
-        "and set STRIPE_SECRET_KEY, not the value itself"
+        'stripe.api_key: a secret must not be written in the file: write "${STRIPE_SECRET_KEY}" '
+        '(and set STRIPE_SECRET_KEY), "${file:/run/secrets/…}" or "${credential:NAME}"'
     ]
     assert parse_config('[stripe]\napi_key = "${K}"\n' + A_SOURCE, {"K": "sk_test"}).stripe.api_key == "sk_test"
+
+
+def test_secrets_from_files_and_systemd_credentials(tmp_path):
+    """`${file:/path}` (a mounted Kubernetes or Docker secret) and `${credential:NAME}` (systemd's
+    `LoadCredential=`): the contents, one trailing newline dropped, allowed for secret keys."""
+    (tmp_path / "stripe").write_text("sk_test_from_file\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "redis").write_bytes(b"p@ss w$rd\r\n")
+    text = (
+        f'[stripe]\napi_key = "${{file:{tmp_path}/stripe}}"\n[redis]\npassword = "${{credential:redis}}"\n' + A_SOURCE
+    )
+    settings = parse_config(text, {"CREDENTIALS_DIRECTORY": str(creds)})
+    assert settings.stripe.api_key == "sk_test_from_file"
+    assert settings.redis.password == "p@ss w$rd"
+
+
+@pytest.mark.parametrize(
+    ("reference", "environ", "error"),
+    [
+        ("${file:/nonexistent/stripe}", {}, "cannot read the secret /nonexistent/stripe: No such file or directory "
+         "(mount the secret there, or fix the path)"),
+        ("${file:relative/stripe}", {}, "${file:relative/stripe} must name an absolute path (/run/secrets/…)"),
+        ("${credential:stripe}", {}, "${credential:stripe} needs systemd's CREDENTIALS_DIRECTORY, which is not set "
+         "(add LoadCredential=stripe:/path/to/secret to the unit, or use ${file:…})"),
+        ("${credential:../etc/passwd}", {"CREDENTIALS_DIRECTORY": "/tmp"}, "${credential:../etc/passwd}: not a "
+         "credential name"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_secret_is_a_config_error_naming_the_key(reference, environ, error):
+    assert errors_of(f'[stripe]\napi_key = "{reference}"\n' + A_SOURCE, environ) == [f"stripe.api_key: {error}"]
+
+
+def test_a_secret_file_that_is_not_a_secret_is_refused(tmp_path):
+    (tmp_path / "big").write_bytes(b"x" * (64 * 1024 + 1))
+    (tmp_path / "binary").write_bytes(b"\xff\xfe")
+    assert errors_of(f'[stripe]\napi_key = "${{file:{tmp_path}/big}}"\n' + A_SOURCE) == [
+        f"stripe.api_key: cannot read the secret {tmp_path}/big: larger than 64 KiB: not a secret "
+        "(mount the secret there, or fix the path)"
+    ]
+    assert "not UTF-8 text" in errors_of(f'[stripe]\napi_key = "${{file:{tmp_path}/binary}}"\n' + A_SOURCE)[0]
 
 
 @pytest.mark.parametrize("text", ["", '[daemon]\nlog_level = "info"\n', "sources = []\n"])
