@@ -48,7 +48,7 @@ from bench.fault_stack import Fauxqs, Replica, kill_billingd_connections, queue_
 from billingd.clients.ledger.base import key
 from billingd.clients.stripe_ids import meter_identifier
 from billingd.daemon.app import STOP_GRACE
-from tests.doubles.stripe import StripeDouble
+from billingd.testing.stripe import StripeDouble
 from tests.hostile import amqp_messages, publish_raw, sqs_messages
 from tests.seed002 import bill_event, dlr
 from tests.signing import razorpay_relay, stripe_event, stripe_relay
@@ -494,7 +494,10 @@ class Suite:
     # -- the end -------------------------------------------------------------------------
 
     async def settle(self, within: float) -> bool:
-        """Wait until every source queue is empty (nothing ready, unacked or in flight)."""
+        """Wait until every source queue is empty (nothing ready, unacked or in flight) and the
+        meter outboxes have delivered what they hold (the Stripe double recorded every expected
+        meter event): an acked usage event's meter event is sent after its ack, so a stop right
+        after the queues empty would leave it waiting in Redis — durable, but not yet at Stripe."""
         amqp = [self.bills_queue, f"{self.bills_queue}.retry", self.dlr_queue, f"{self.dlr_queue}.retry"]
         deadline = anyio.current_time() + within
         async with self._sqs_client() as client:
@@ -508,7 +511,9 @@ class Suite:
                         )
                     )["Attributes"]
                     sqs += sum(int(v) for v in attributes.values())
-                if sqs == 0 and await queue_messages(amqp) == 0:
+                recorded = {event["identifier"] for event in self.stripe.meter_events}
+                delivered = all(identifier in recorded for identifier in self.expected.meters)
+                if sqs == 0 and delivered and await queue_messages(amqp) == 0:
                     return True
                 await anyio.sleep(1)
         return False

@@ -16,7 +16,7 @@ from billingd.handlers import (
     usage,
     webhook_forward,
 )
-from billingd.handlers.base import Handler, HandlerContext, HandlerSpec
+from billingd.handlers.kit.base import Handler, HandlerContext, HandlerSpec
 
 #: Every handler billingd ships, by name.
 HANDLERS: Mapping[str, HandlerSpec[Any]] = MappingProxyType(

@@ -1,5 +1,5 @@
 """Reading the Stripe objects billingd acts on: events, subscriptions, product entitlement
-metadata. Pure functions; the handler does the I/O. (Envelopes: `billingd.handlers.webhooks`.)"""
+metadata. Pure functions; the handler does the I/O. (Envelopes: `billingd.handlers.stripe.webhooks`.)"""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import msgspec
 
-from billingd.handlers.money import to_micros
-from billingd.handlers.outcome import InvalidMessage
+from billingd.handlers.kit.money import to_micros
+from billingd.handlers.kit.outcome import InvalidMessage
 
 #: Product metadata key prefix: `billingd.entitlement.<KEY>` = `"<limit>/<period>"`, `"unlimited"`
 #: or `"access"` (a feature without usage tracking).

@@ -10,7 +10,7 @@ import msgspec
 
 from billingd.clients import Clients
 from billingd.config.model import RazorpaySettings, SourceSettings, StripeSettings
-from billingd.handlers.outcome import InvalidMessage, Outcome
+from billingd.handlers.kit.outcome import InvalidMessage, Outcome
 from billingd.telemetry import Metrics, SourceCounter
 
 T = TypeVar("T")

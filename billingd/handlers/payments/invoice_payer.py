@@ -40,7 +40,7 @@ from billingd.clients.errors import CircuitOpen
 from billingd.clients.ledger import OnceLedger
 from billingd.clients.ledger.payments import Claim, PaymentLedger, PaymentRecord
 from billingd.clients.stripe_ids import bounded, idempotency_key
-from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome
+from billingd.handlers.kit.outcome import ACK, DeadLetter, InvalidMessage, Outcome
 
 log = structlog.get_logger("billingd.payments")
 

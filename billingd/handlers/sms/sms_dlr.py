@@ -9,7 +9,7 @@ Two formats, chosen by `handler_options.format` (`auto` looks at the headers):
 
 * the seed's JSON `{message_id, status, pdu_type, smpp_msgid, dlr_details}`;
 * Jasmin's native receipts (`dlr.submit_sm_resp`, `dlr.deliver_sm`, `dlr_thrower.*`), with
-  submit retrials and refunds of failed submissions: see `billingd.handlers.jasmin_receipts`.
+  submit retrials and refunds of failed submissions: see `billingd.handlers.sms.jasmin_receipts`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import msgspec
 
 from billingd.clients.ledger import SmsLedger
 from billingd.config.durations import Duration
-from billingd.handlers import jasmin
-from billingd.handlers.base import HandlerContext, HandlerSpec, Id, JsonDecoder, Message, OptionalId
-from billingd.handlers.jasmin_receipts import NativeReceipts
-from billingd.handlers.outcome import ACK, InvalidMessage, Outcome
+from billingd.handlers.sms import jasmin
+from billingd.handlers.kit.base import HandlerContext, HandlerSpec, Id, JsonDecoder, Message, OptionalId
+from billingd.handlers.sms.jasmin_receipts import NativeReceipts
+from billingd.handlers.kit.outcome import ACK, InvalidMessage, Outcome
 
 #: Seed 002 "Status Mapping": Jasmin status → CDR status. Any other `ESME_*` code is `failed`.
 #: `ENROUTE` (SMPP 3.4's other intermediate state) reads as `pending`.

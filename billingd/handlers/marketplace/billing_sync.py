@@ -27,8 +27,8 @@ from billingd.clients.http import HttpForwarder
 from billingd.clients.ledger import OnceLedger
 from billingd.clients.ledger.sync import SyncLedger
 from billingd.config.durations import Duration
-from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message
-from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome
+from billingd.handlers.kit.base import HandlerContext, HandlerSpec, JsonDecoder, Message
+from billingd.handlers.kit.outcome import ACK, DeadLetter, InvalidMessage, Outcome
 
 CUSTOMER_UPDATE = "billing_customer_update"
 SUBMISSIONS = ("invoice_finalized", "marketplace.invoice.submit", "marketplace.usage.submit")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from billingd.clients.ledger import ChargeResult, SmsLedger
 from billingd.clients.ledger.base import LEDGER_MAX
-from billingd.handlers.outcome import ACK, DeadLetter, Outcome
+from billingd.handlers.kit.outcome import ACK, DeadLetter, Outcome
 
 
 async def settle_bill(

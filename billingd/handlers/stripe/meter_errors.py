@@ -25,7 +25,7 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 
-from billingd.handlers.base import JsonDecoder
+from billingd.handlers.kit.base import JsonDecoder
 
 log = structlog.get_logger("billingd.stripe_events")
 

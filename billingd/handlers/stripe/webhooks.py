@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from billingd.handlers.outcome import InvalidMessage
+from billingd.handlers.kit.outcome import InvalidMessage
 
 
 class Envelope(msgspec.Struct, frozen=True):

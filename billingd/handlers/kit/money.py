@@ -27,7 +27,7 @@ from decimal import (
     localcontext,
 )
 
-from billingd.handlers.outcome import InvalidMessage
+from billingd.handlers.kit.outcome import InvalidMessage
 
 #: Most currency units one message may carry.
 MAX_UNITS = Decimal(10**9)

@@ -10,7 +10,7 @@ Three gateways, in the envelopes of DESIGN §5 (amounts in integer minor units):
 * `zoho` — `{stripe_invoice_id, payment_id, amount, currency}`.
 
 Each payment pays its Stripe invoice out of band exactly once, through `InvoicePayer`
-(`billingd.handlers.invoice_payer`): amount and currency checked against the invoice, one pay call
+(`billingd.handlers.payments.invoice_payer`): amount and currency checked against the invoice, one pay call
 at a time per invoice across replicas, and an invoice found paid attributed by Stripe's own
 answer to the payment's pay call — so a lost reply, a crash or a copy on another replica ends
 acked, and only a payment that met an invoice someone else paid is dead-lettered as a **double
@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from billingd.config.durations import Duration
-from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message
-from billingd.handlers.invoice_payer import InvoicePayer
-from billingd.handlers.money import MAX_MINOR_UNITS
-from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome
-from billingd.handlers.webhooks import header
+from billingd.handlers.kit.base import HandlerContext, HandlerSpec, JsonDecoder, Message
+from billingd.handlers.payments.invoice_payer import InvoicePayer
+from billingd.handlers.kit.money import MAX_MINOR_UNITS
+from billingd.handlers.kit.outcome import ACK, DeadLetter, InvalidMessage, Outcome
+from billingd.handlers.stripe.webhooks import header
 
 if TYPE_CHECKING:
     from billingd.clients.razorpay import RazorpayVerifier

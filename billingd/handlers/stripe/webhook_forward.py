@@ -27,9 +27,9 @@ import msgspec
 from billingd.clients.http import HttpForwarder
 from billingd.clients.ledger import OnceLedger
 from billingd.config.durations import Duration
-from billingd.handlers.base import HandlerContext, HandlerSpec, Message
-from billingd.handlers.outcome import ACK, InvalidMessage, Outcome
-from billingd.handlers.webhooks import Envelope, WebhookAge, verify_relayed
+from billingd.handlers.kit.base import HandlerContext, HandlerSpec, Message
+from billingd.handlers.kit.outcome import ACK, InvalidMessage, Outcome
+from billingd.handlers.stripe.webhooks import Envelope, WebhookAge, verify_relayed
 
 #: Headers that describe the original hop, not the event: never forwarded.
 HOP_HEADERS = frozenset({"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"})

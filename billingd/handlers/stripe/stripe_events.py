@@ -15,7 +15,7 @@ dead-lettered and never applied). Each event is applied once (`OnceLedger`, keye
 * `entitlements.active_entitlement_summary.updated` — replace the subject's active features;
 * `v1.billing.meter.error_report_triggered` (a v2 event; thin ones are fetched) — meter events
   Stripe refused after accepting them: counted in `billingd_meter_errors_total{source,meter,code}`
-  and logged with Stripe's sample identifiers (`billingd.handlers.meter_errors`);
+  and logged with Stripe's sample identifiers (`billingd.handlers.stripe.meter_errors`);
 * anything else — acked, counted in `billingd_stripe_events_ignored_total{source,type}`.
 
 Every write is versioned by `event.created`: an older event never rolls state back. Products are
@@ -37,10 +37,10 @@ from billingd.clients.ledger.periods import period_containing
 from billingd.clients.ledger.subscriptions import Grant, SubscriptionLedger
 from billingd.config.durations import Duration
 from billingd.config.model import StripeSettings
-from billingd.handlers import meter_errors
-from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message
-from billingd.handlers.outcome import ACK, InvalidMessage, Outcome
-from billingd.handlers.stripe_objects import (
+from billingd.handlers.stripe import meter_errors
+from billingd.handlers.kit.base import HandlerContext, HandlerSpec, JsonDecoder, Message
+from billingd.handlers.kit.outcome import ACK, InvalidMessage, Outcome
+from billingd.handlers.stripe.stripe_objects import (
     ACTIVE_STATUSES,
     ENTITLEMENT_PREFIX,
     StripeEvent,
@@ -51,7 +51,7 @@ from billingd.handlers.stripe_objects import (
     subscription_period,
     subscription_products,
 )
-from billingd.handlers.webhooks import Envelope, WebhookAge, verify_relayed
+from billingd.handlers.stripe.webhooks import Envelope, WebhookAge, verify_relayed
 from billingd.telemetry import SourceCounter
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ Two message shapes:
   the usage.
 
 Either way, an event type (seed 001: the entitlement key) mapped in `[stripe].meters` (matched
-case-insensitively, see `billingd.handlers.meters`) is also reported to Stripe as a meter event;
+case-insensitively, see `billingd.handlers.usage.meters`) is also reported to Stripe as a meter event;
 an unmapped one is counted in Redis and in `billingd_usage_unmetered_total`, or dead-lettered
 (`handler_options.unmapped = "dead_letter"`). The idempotency key is the message's own field, else the
 broker's message id — never a digest of the body (an AMQP message without a `message_id`): two
@@ -52,10 +52,10 @@ from billingd.clients.ledger.base import LEDGER_MAX
 from billingd.clients.ledger.outbox import JOURNAL_ONE, OutboxEvent, OutboxLedger, encode, journal_key
 from billingd.clients.stripe_ids import meter_identifier
 from billingd.config.durations import Duration
-from billingd.handlers.base import HandlerContext, HandlerSpec, JsonDecoder, Message, OptionalId
-from billingd.handlers.meters import MeterMap
-from billingd.handlers.money import to_micros
-from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
+from billingd.handlers.kit.base import HandlerContext, HandlerSpec, JsonDecoder, Message, OptionalId
+from billingd.handlers.usage.meters import MeterMap
+from billingd.handlers.kit.money import to_micros
+from billingd.handlers.kit.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
 from billingd.telemetry import SourceCounter
 
 if TYPE_CHECKING:
