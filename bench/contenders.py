@@ -254,9 +254,9 @@ async def sqs_billingd(args: dict[str, Any]) -> dict[str, Any]:
 def _ack_at_once() -> None:
     """Replace the benchmarked handlers' work by an immediate ack (this process only): what is
     left is the transport, the actor, the settler and the acks — billingd's floor."""
-    from billingd.handlers.outcome import ACK
-    from billingd.handlers.sms_dlr import SmsDlrHandler
-    from billingd.handlers.usage import UsageHandler
+    from billingd.handlers.kit.outcome import ACK
+    from billingd.handlers.sms.sms_dlr import SmsDlrHandler
+    from billingd.handlers.usage.usage import UsageHandler
 
     async def handle(self: object, message: object) -> Any:
         return ACK

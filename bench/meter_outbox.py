@@ -38,7 +38,7 @@ from billingd.clients.ledger import UsageLedger
 from billingd.clients.ledger.base import key
 from billingd.daemon.logging import configure_logging
 from billingd.metering.reconcile import Reconciler
-from tests.doubles.stripe import StripeContract, StripeDouble
+from billingd.testing.stripe import StripeContract, StripeDouble
 from tests.support import REDIS_URL, amqp_source, make_settings, running, unique
 
 METER = "ai_credits"

@@ -2,7 +2,7 @@
 
     uv run python bench/stripe_meters.py [--events 1200] [--latency 0.15] [--v1-events 300]
 
-The double (tests/doubles/stripe.py) answers every request after `--latency` seconds and keeps
+The double (billingd/testing/stripe.py) answers every request after `--latency` seconds and keeps
 Stripe's live-mode limits: 100 basic requests/s, 1,000 v1 meter events/s with one call in flight
 per (customer, meter) — a second is a 429 —, 10,000 stream requests/s; an `identifier` Stripe
 already holds is a 400 "An event already exists with identifier …" (v1) or dropped (stream).
@@ -40,7 +40,7 @@ from bench.compare import drop_amqp
 from billingd.clients import Unguarded
 from billingd.clients.ledger import UsageLedger
 from billingd.daemon.logging import configure_logging
-from tests.doubles.stripe import StripeContract, StripeDouble
+from billingd.testing.stripe import StripeContract, StripeDouble
 from tests.support import AMQP_URL, REDIS_URL, amqp_source, make_settings, meter_id, running, unique
 
 METER = "ai_credits"

@@ -15,9 +15,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from billingd.daemon.logging import configure_logging
+from billingd.testing.server import Sink
 from tests.cluster import RedisClusterServer
-from tests.doubles.server import Sink
-from tests.doubles.stripe import StripeDouble
 from tests.support import AMQP_URL, REDIS_URL, Amqp, RedisTarget, Sqs, cache_dir, start_fauxqs, start_moto
 
 configure_logging("warning", "console")
@@ -124,16 +123,7 @@ async def sqs(moto_endpoint: str) -> AsyncIterator[Sqs]:
 
 
 @pytest.fixture
-async def stripe_double() -> AsyncIterator[StripeDouble]:
-    """The Stripe API double on a loopback port."""
-    double = StripeDouble()
-    async with double.running():
-        yield double
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    """An HTTP endpoint that records POSTs (a marketplace or webhook receiver)."""
-    double = Sink()
-    async with double.running():
-        yield double
+def sink(http_sink: Sink) -> Sink:
+    """An HTTP endpoint that records POSTs (a marketplace or webhook receiver): the test kit's
+    `http_sink` (`stripe_double` comes from the test kit too: billingd.testing.plugin)."""
+    return http_sink

@@ -5,16 +5,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any
 
 import anyio
 import msgspec
 
 from billingd.clients import DownstreamUnavailable
-from billingd.handlers.base import Handler, HandlerContext, HandlerSpec, Message
-from billingd.handlers.outcome import ACK, Outcome
-from billingd.handlers.registry import HANDLERS
+from billingd.handlers.kit.base import Handler, HandlerContext, HandlerSpec, Message
+from billingd.handlers.kit.outcome import ACK, Outcome
+from billingd.handlers.registry import HandlerRegistry, discover
 
 
 class FlakyOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -79,7 +77,7 @@ class FlakyHandler:
         return ACK
 
 
-def registry(journal: Journal, crash_builds: int = 0) -> MappingProxyType[str, HandlerSpec[Any]]:
+def registry(journal: Journal, crash_builds: int = 0) -> HandlerRegistry:
     """The real handlers plus `flaky` and `crashy` (whose build raises the first `crash_builds` times)."""
 
     def build_flaky(ctx: HandlerContext, options: FlakyOptions) -> Handler:
@@ -91,9 +89,8 @@ def registry(journal: Journal, crash_builds: int = 0) -> MappingProxyType[str, H
             raise RuntimeError(f"scripted crash #{journal.builds}")
         return FlakyHandler(options, journal)
 
-    return MappingProxyType(
+    return discover(
         {
-            **HANDLERS,
             "flaky": HandlerSpec("flaky", FlakyOptions, build_flaky),
             "crashy": HandlerSpec("crashy", FlakyOptions, build_crashy),
         }

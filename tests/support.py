@@ -17,8 +17,7 @@ import msgspec
 
 from billingd.config import Settings, convert
 from billingd.daemon.app import Daemon
-from billingd.handlers.base import HandlerSpec
-from billingd.handlers.registry import HANDLERS
+from billingd.handlers.kit.base import HandlerSpec
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -77,14 +76,14 @@ def build_handler_for(settings: Settings, index: int = 0) -> tuple[Any, Any]:
     """The handler of `settings.sources[index]` as the daemon builds it (unguarded clients, a
     registry of its own), and its `Clients` (close with `aclose()`)."""
     from billingd.clients import Clients, Unguarded
-    from billingd.handlers.base import HandlerContext
-    from billingd.handlers.registry import build_handler
+    from billingd.handlers.kit.base import HandlerContext
+    from billingd.handlers.registry import build_handler, discover
     from billingd.telemetry import Metrics
 
     clients = Clients(settings.redis, settings.stripe, Unguarded)
     stripe, keep = settings.stripe, float(settings.reconcile.keep)
     context = HandlerContext(settings.sources[index], clients, stripe, settings.razorpay, Metrics("test"), keep)
-    return build_handler(context), clients
+    return build_handler(context, discover()), clients
 
 
 def amqp_source(handler: str, **overrides: Any) -> dict[str, Any]:
@@ -116,7 +115,7 @@ class MaxRandom(random.Random):
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings,
-    handlers: Mapping[str, HandlerSpec] = HANDLERS,
+    handlers: Mapping[str, HandlerSpec] | None = None,
     *,
     wait_ready: bool = True,
     rng: random.Random | None = None,

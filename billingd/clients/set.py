@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from billingd.clients.errors import Guard
 from billingd.clients.http import HttpForwarder
 from billingd.clients.ledger import OnceLedger, SmsLedger, UsageLedger
 from billingd.clients.ledger.attempts import AttemptLedger
+from billingd.clients.ledger.base import RedisLedger
 from billingd.clients.ledger.batch import CommandBatcher
 from billingd.clients.ledger.jasmin import JasminLedger
 from billingd.clients.ledger.limits import SharedLimits
@@ -22,6 +23,8 @@ from billingd.config.model import RedisSettings, StripeSettings, TlsSettings
 if TYPE_CHECKING:
     from billingd.clients.stripe import StripeGateway
     from billingd.telemetry import Metrics
+
+L = TypeVar("L", bound=RedisLedger)
 
 
 class Clients:
@@ -52,6 +55,7 @@ class Clients:
         self.guard = guard
         self._metrics = metrics
         self._forwarders: dict[str, HttpForwarder] = {}
+        self._ledgers: dict[type[RedisLedger], RedisLedger] = {}
 
     @cached_property
     def redis(self) -> RedisClient:
@@ -117,6 +121,15 @@ class Clients:
         from billingd.clients.stripe import StripeGateway
 
         return StripeGateway(self._stripe_settings, self.guard("stripe"), self.limits, self._metrics, self.tracer)
+
+    def ledger(self, kind: type[L]) -> L:
+        """The daemon's one ledger of class `kind` (a `RedisLedger` subclass, e.g. a plugin's): on
+        the shared Redis client, its command batcher and the `redis` breaker."""
+        ledger = self._ledgers.get(kind)
+        if ledger is None:
+            ledger = self._ledgers[kind] = kind(self.redis, self.guard("redis"), self.batcher, self.tracer)
+        assert isinstance(ledger, kind)
+        return ledger
 
     def forwarder(self, name: str, timeout: float = 10.0) -> HttpForwarder:
         """The HTTP forwarder behind breaker `forward:<name>` (one per name)."""

@@ -113,7 +113,7 @@ def semantic_errors(settings: Settings) -> list[str]:
         if database not in ("", "0"):
             errors.append(f"redis.url: a Redis Cluster has only database 0, got /{database}: drop it from the URL")
     folded: dict[str, str] = {}
-    for name in settings.stripe.meters:  # matched case-insensitively (billingd.handlers.meters)
+    for name in settings.stripe.meters:  # matched case-insensitively (billingd.handlers.usage.meters)
         if name.casefold() in folded:
             errors.append(
                 f'stripe.meters."{name}": matches the same event types as "{folded[name.casefold()]}" '

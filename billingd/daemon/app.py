@@ -26,8 +26,8 @@ from billingd.daemon.loop import loop_name
 from billingd.daemon.notify import Notifier
 from billingd.daemon.reload import plan_reload
 from billingd.daemon.validation import validate
-from billingd.handlers.base import HandlerContext, HandlerSpec
-from billingd.handlers.registry import HANDLERS, build_handler
+from billingd.handlers.kit.base import HandlerContext, HandlerSpec
+from billingd.handlers.registry import build_handler, discover
 from billingd.sources import make_source
 from billingd.supervisors.actor import SourceActor
 from billingd.supervisors.breaker import BreakerBoard
@@ -73,7 +73,7 @@ class Daemon:
         settings: Settings,
         *,
         config_path: str | None = None,
-        handlers: Mapping[str, HandlerSpec[Any]] = HANDLERS,
+        handlers: Mapping[str, HandlerSpec[Any]] | None = None,
         handle_signals: bool = True,
         notifier: Notifier | None = None,
         rng: random.Random | None = None,
@@ -85,7 +85,8 @@ class Daemon:
         self.redactor = redactor or Redactor(secrets_of(settings, os.environ))
         """Masks the configuration's secrets in `/readyz` (and, given by the CLI, in the logs)."""
         self.config_path = config_path
-        self.handlers = handlers
+        self.handlers = handlers if handlers is not None else discover()
+        """The handlers by name: the installed entry points (`discover()`) unless given."""
         self.handle_signals = handle_signals
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics(__version__)

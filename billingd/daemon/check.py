@@ -17,8 +17,9 @@ import anyio
 
 from billingd.config import Settings, convert
 from billingd.config.model import AmqpSourceSettings, AnySource, SqsSourceSettings
-from billingd.handlers.base import HandlerSpec
-from billingd.handlers.meters import MeterMap
+from billingd.handlers.kit.base import HandlerSpec
+from billingd.handlers.registry import HandlerRegistry
+from billingd.handlers.usage.meters import MeterMap
 
 
 def _options(source: AnySource, handlers: Mapping[str, HandlerSpec[Any]]) -> Any:
@@ -203,3 +204,16 @@ async def stripe_meter_check(settings: Settings, within: float = 10.0) -> tuple[
                 "refused after billingd acked them; create or reactivate the meter, or map the type to an active one"
             )
     return lines, errors
+
+
+def handler_lines(settings: Settings, handlers: HandlerRegistry) -> list[str]:
+    """`billingd check`'s list of installed handlers: name, distribution and version, and the
+    sources using each."""
+    users: dict[str, list[str]] = {}
+    for source in settings.sources:
+        users.setdefault(source.handler, []).append(source.name)
+    lines = ["handlers (installed; entry points of billingd.handlers):"]
+    for entry in handlers.entries():
+        used = f"  used by {', '.join(users[entry.name])}" if entry.name in users else ""
+        lines.append(f"  {entry.name:<18} {entry.origin:<28}{used}".rstrip())
+    return lines

@@ -16,7 +16,7 @@ from billingd import __version__
 from billingd.config import ConfigError
 from billingd.config.secrets import secrets_of
 from billingd.daemon.app import Daemon
-from billingd.daemon.check import broker_warnings, describe, redis_durability, stripe_meter_check
+from billingd.daemon.check import broker_warnings, describe, handler_lines, redis_durability, stripe_meter_check
 from billingd.daemon.check_tls import connection_report
 from billingd.daemon.exits import EXIT_CONFIG, EXIT_FORCED
 from billingd.daemon.logging import configure_logging
@@ -25,7 +25,7 @@ from billingd.daemon.metering_cli import add_metering_commands, run_metering_too
 from billingd.daemon.notify import Notifier
 from billingd.daemon.tools_cli import add_commands, run_tool
 from billingd.daemon.validation import validate
-from billingd.handlers.registry import HANDLERS
+from billingd.handlers.registry import discover
 from billingd.telemetry.redact import Redactor
 from billingd.telemetry.tracing import Tracing, TracingMisconfigured
 
@@ -68,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_tool(args, path)
     if args.command in ("reconcile", "meters"):
         return run_metering_tool(args, path)
+    handlers = discover()  # the installed handlers; a plugin is imported only when a source uses it
     try:
-        settings = validate(path)
+        settings = validate(path, handlers)
     except ConfigError as exc:
         print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
         for error in exc.errors:
@@ -83,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         print(f"{path}: OK ({len(settings.sources)} sources: {', '.join(s.name for s in settings.sources)})")
         print(f"  traces: {'on (OpenTelemetry, from the OTEL_* variables)' if tracing.enabled else 'off'}")
-        for line in describe(settings, HANDLERS):
+        for line in describe(settings, handlers):
+            print(line)
+        for line in handler_lines(settings, handlers):
             print(line)
         if not args.offline:
             connections, insecure, refused_tls = anyio.run(connection_report, settings, backend="asyncio")
@@ -107,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for error in refused:
                 print(f"  {error}", file=sys.stderr)
             return EXIT_CONFIG
-        warnings = [] if args.offline else anyio.run(broker_warnings, settings, HANDLERS, backend="asyncio")
+        warnings = [] if args.offline else anyio.run(broker_warnings, settings, handlers, backend="asyncio")
         if warnings:
             print("warnings (idempotency records vs. how long a message can wait):")
             for line in warnings:
@@ -134,7 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.daemon.log_level, settings.daemon.log_format, redactor=redactor)
     try:
         daemon = Daemon(
-            settings, config_path=path, notifier=Notifier(), exit_process=os._exit, tracing=tracing, redactor=redactor
+            settings,
+            config_path=path,
+            handlers=handlers,
+            notifier=Notifier(),
+            exit_process=os._exit,
+            tracing=tracing,
+            redactor=redactor,
         )
         return anyio.run(daemon.run, backend="asyncio", backend_options=loop_options(settings.daemon.uvloop))
     except OSError as exc:

@@ -29,8 +29,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from billingd.clients.errors import CURRENT_MESSAGE, DownstreamError
 from billingd.clients.ledger.attempts import AttemptLedger
 from billingd.config.model import AnySource
-from billingd.handlers.base import Handler
-from billingd.handlers.outcome import DeadLetter, Outcome, Retry
+from billingd.handlers.kit.base import Handler
+from billingd.handlers.kit.outcome import DeadLetter, Outcome, Retry
 from billingd.sources.base import (
     Delivery,
     Disposition,

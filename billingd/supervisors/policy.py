@@ -17,7 +17,7 @@ import random
 
 from billingd.clients.errors import Busy, CircuitOpen, DownstreamRejected, DownstreamUnavailable, Throttled
 from billingd.config.model import SourceSettings
-from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
+from billingd.handlers.kit.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
 from billingd.sources.base import Delivery, Disposition, Settlement
 from billingd.supervisors.backoff import full_jitter
 from billingd.telemetry.redact import scrub

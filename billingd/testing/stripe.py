@@ -25,7 +25,7 @@ observed to answer):
   repeated identifier is dropped silently;
 * every request waits `latency` seconds (Stripe answers in 100–300 ms);
 * meter event summaries, cancellations, and the stream's fault modes (refused later with sample
-  identifiers, dropped, another producer's events): `tests.doubles.stripe_meters`;
+  identifiers, dropped, another producer's events): `billingd.testing.stripe_meters`;
 * objects (`products`, `customers`, `invoices`) are retrieved by id (404 `resource_missing`
   otherwise); `POST /v1/invoices/{id}/pay` with `paid_out_of_band=true` pays an open invoice
   (setting `status_transitions.paid_at`) and refuses one already paid (400 "Invoice is already
@@ -48,8 +48,8 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from tests.doubles.server import Double, Recorded
-from tests.doubles.stripe_meters import MeterBook
+from billingd.testing.server import Double, Recorded
+from billingd.testing.stripe_meters import MeterBook
 
 #: The meters a new double's account has: those of billingd.toml and the tests.
 DEFAULT_METERS = ("ai_credits", "whatsapp_messages", "email_sends", "ai_tutor_uses")
@@ -127,7 +127,7 @@ class StripeDouble(Double):
             self.add_meter(name)
         self.meter_events: list[dict[str, Any]] = []
         self.book = MeterBook(self.meter_events)
-        """Summaries, cancellations and the stream's fault modes (`tests.doubles.stripe_meters`)."""
+        """Summaries, cancellations and the stream's fault modes (`billingd.testing.stripe_meters`)."""
         self.objects: dict[str, dict[str, dict[str, Any]]] = {"products": {}, "customers": {}, "invoices": {}}
         self.payments: list[str] = []
         """Invoice ids paid out of band, one entry per payment Stripe actually made."""
@@ -160,6 +160,10 @@ class StripeDouble(Double):
         self.saved_500s = 0
         """The next this many pay calls pay the invoice, then answer 500 and save that 500 under
         their idempotency key (Stripe: a call whose endpoint began executing and failed)."""
+
+    def stripe_settings(self, **overrides: Any) -> dict[str, Any]:
+        """A `[stripe]` section pointing at this double (a test key, a 2 s timeout), with `overrides`."""
+        return {"api_key": "sk_test_billingd", "api_base": self.url, "timeout": "2s", **overrides}
 
     def add_meter(self, event_name: str, status: str = "active", formula: str = "sum") -> dict[str, Any]:
         """Create (or replace) the meter of `event_name`, as `POST /v1/billing/meters` would."""
@@ -406,7 +410,8 @@ class StripeDouble(Double):
     def _remember(self, request: web.Request, form: dict[str, Any], response: web.Response) -> web.Response:
         key = request.headers.get("Idempotency-Key")
         if key:
-            self._idempotent[key] = (form, response.status, response.body)  # type: ignore[arg-type]
+            body = response.body
+            self._idempotent[key] = (form, response.status, body if isinstance(body, bytes) else b"")
         return response
 
     def _limit(self, kind: str) -> web.Response | None:

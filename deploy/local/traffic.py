@@ -54,7 +54,7 @@ import aiormq
 
 from billingd.clients import Unguarded
 from billingd.clients.ledger import MICROS, UsageLedger
-from billingd.handlers.jasmin_pickle import read_pickle
+from billingd.handlers.sms.jasmin_pickle import read_pickle
 from billingd.sources.codecs import encode_body
 from tests.jasmin_capture import Captured, load
 from tests.jasmin_capture import properties as jasmin_properties

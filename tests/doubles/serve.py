@@ -16,8 +16,8 @@ import asyncio
 
 from aiohttp import web
 
-from tests.doubles.server import Double, Sink
-from tests.doubles.stripe import StripeContract, StripeDouble
+from billingd.testing.server import Double, Sink
+from billingd.testing.stripe import StripeContract, StripeDouble
 
 
 def with_inspection(double: Double) -> Double:

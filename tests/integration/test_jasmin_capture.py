@@ -16,7 +16,7 @@ import pytest
 from billingd.clients import Unguarded
 from billingd.clients.ledger import SmsLedger
 from billingd.clients.ledger.jasmin import JasminLedger
-from billingd.handlers.jasmin_pickle import read_pickle
+from billingd.handlers.sms.jasmin_pickle import read_pickle
 from tests.jasmin_capture import STOCK, Captured, declare_like_jasmin, load, micros, properties, replay
 from tests.support import AMQP_URL, amqp_source, http_get, make_settings, running, scrape, unique, wait_for
 

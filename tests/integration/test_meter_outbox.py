@@ -13,7 +13,7 @@ from billingd.clients import Unguarded
 from billingd.clients.ledger import MICROS, UsageLedger
 from billingd.clients.ledger.outbox import OutboxLedger
 from billingd.supervisors.breaker import BreakerState
-from tests.doubles.stripe import StripeContract
+from billingd.testing.stripe import StripeContract
 from tests.support import amqp_source, make_settings, meter_id, running, unique, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis_backends, pytest.mark.usefixtures("redis_backend")]

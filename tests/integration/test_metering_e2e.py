@@ -32,7 +32,7 @@ import pytest
 
 from billingd.clients import Unguarded
 from billingd.clients.ledger import UsageLedger
-from tests.doubles.stripe import StripeContract
+from billingd.testing.stripe import StripeContract
 from tests.integration.test_reconcile import expected_differences
 from tests.support import (
     free_port,

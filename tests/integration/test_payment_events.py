@@ -185,7 +185,7 @@ async def test_a_pay_reply_lost_after_stripe_paid_is_this_payments_own(sqs, stri
 
 async def test_copies_of_one_capture_handled_at_once_make_one_pay_call(sqs, stripe_double):
     """Issue 24, item 1: copies on several workers at once — one pays, the others wait and ack."""
-    from tests.doubles.stripe import StripeContract
+    from billingd.testing.stripe import StripeContract
 
     stripe_double.contract = StripeContract(latency=0.15)
     invoice = unique("in").replace("-", "_")

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from billingd.clients import Unguarded
 from billingd.clients.ledger import CDR_RANK, FINAL_CDR_STATUSES, SmsLedger
 from billingd.clients.ledger.jasmin import JasminLedger
-from billingd.handlers.outcome import ACK, InvalidMessage
-from billingd.handlers.sms_billing import SmsBillingHandler
-from billingd.handlers.sms_dlr import SmsDlrHandler
+from billingd.handlers.kit.outcome import ACK, InvalidMessage
+from billingd.handlers.sms.sms_billing import SmsBillingHandler
+from billingd.handlers.sms.sms_dlr import SmsDlrHandler
 from billingd.sources.base import Delivery
 from tests.seed002 import STATUS_TABLE, dlr
 from tests.support import REDIS_URL
@@ -130,8 +130,8 @@ def test_any_native_looking_message_is_applied_or_refused_with_a_reason(headers,
     """Headers of any type where Jasmin's go: a bill, a submit, a receipt, or a reasoned refusal."""
 
     async def check(ledger: SmsLedger) -> None:
-        from billingd.handlers.base import HandlerContext
-        from billingd.handlers.sms_dlr import DlrOptions, _build
+        from billingd.handlers.kit.base import HandlerContext
+        from billingd.handlers.sms.sms_dlr import DlrOptions, _build
         from billingd.telemetry import Metrics
         from tests.support import amqp_source, make_settings
 

@@ -15,7 +15,7 @@ import pytest
 from billingd.clients import Unguarded
 from billingd.clients.ledger import UsageLedger
 from billingd.supervisors.breaker import BreakerState
-from tests.doubles.stripe import StripeContract
+from billingd.testing.stripe import StripeContract
 from tests.support import amqp_source, make_settings, meter_id, running, unique, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from billingd.clients.ledger import MICROS
-from billingd.handlers.stripe_objects import ACTIVE_STATUSES
+from billingd.handlers.stripe.stripe_objects import ACTIVE_STATUSES
 from billingd.sources.base import Delivery
-from tests.doubles.stripe import StripeDouble
+from billingd.testing.stripe import StripeDouble
 from tests.signing import stripe_event
 from tests.stripe_fixtures import product, subscription
 from tests.support import build_handler_for, make_settings, sqs_source

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from billingd.supervisors.breaker import BreakerState
-from tests.doubles.server import Sink
+from billingd.testing.server import Sink
 from tests.signing import stripe_event, stripe_relay
 from tests.support import free_port, make_settings, running, sqs_source, unique, wait_for
 

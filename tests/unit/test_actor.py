@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from billingd.clients.errors import Busy, CircuitOpen, DownstreamRejected, DownstreamUnavailable
 from billingd.config import convert
 from billingd.config.model import Settings
-from billingd.handlers.outcome import ACK, DeadLetter, InvalidMessage, Retry
+from billingd.handlers.kit.outcome import ACK, DeadLetter, InvalidMessage, Retry
 from billingd.sources.base import Delivery, Disposition
 from billingd.sources.memory import MemorySource
 from billingd.supervisors.actor import SourceActor

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billingd.handlers import jasmin
-from billingd.handlers.jasmin_pickle import PickleRefused, read_pickle
-from billingd.handlers.outcome import InvalidMessage
+from billingd.handlers.kit.outcome import InvalidMessage
+from billingd.handlers.sms import jasmin
+from billingd.handlers.sms.jasmin_pickle import PickleRefused, read_pickle
 from tests.jasmin_capture import STOCK, load
 
 CAPTURE = load()

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billingd.handlers.money import MAX_UNITS, to_micros
-from billingd.handlers.outcome import InvalidMessage
-from billingd.handlers.usage import _units
+from billingd.handlers.kit.money import MAX_UNITS, to_micros
+from billingd.handlers.kit.outcome import InvalidMessage
+from billingd.handlers.usage.usage import _units
 
 
 @given(st.decimals(min_value=0, max_value=10**9, places=6, allow_nan=False, allow_infinity=False))

@@ -16,9 +16,9 @@ from billingd.clients.errors import DownstreamRejected, DownstreamUnavailable, T
 from billingd.clients.keyed import KeyedLocks
 from billingd.clients.stripe import MeterEventExists, classify
 from billingd.clients.stripe_stream import MeterSession, MeterStream, SessionExpired
-from billingd.handlers.outcome import InvalidMessage
-from billingd.handlers.usage import _check_timestamp
-from tests.doubles.stripe import _invalid
+from billingd.handlers.kit.outcome import InvalidMessage
+from billingd.handlers.usage.usage import _check_timestamp
+from billingd.testing.stripe import _invalid
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -234,8 +234,8 @@ NOW = 1_800_000_000
 )
 def test_what_billingd_lets_through_the_stream_would_accept(value: Decimal, age: int) -> None:
     """billingd's checks before sending are at least as strict as Stripe's later validation."""
-    from billingd.handlers.meters import MeterMap
-    from billingd.handlers.usage import UsageHandler, UsageOptions
+    from billingd.handlers.usage.meters import MeterMap
+    from billingd.handlers.usage.usage import UsageHandler, UsageOptions
 
     handler = UsageHandler(None, None, None, MeterMap({"m": "m"}, {}), UsageOptions())  # type: ignore[arg-type]
     timestamp = NOW - age

@@ -33,7 +33,7 @@ _SCRIPT_ERRORS: tuple[type[Exception], ...] = (*_CALL_ERRORS, BatchAborted)
 
 KEY_PREFIX = "billingd"
 #: Most micro-units a counter may hold: Lua numbers are IEEE doubles, exact up to 2**53 (see
-#: `billingd.handlers.money`, which bounds amounts before they get here).
+#: `billingd.handlers.kit.money`, which bounds amounts before they get here).
 LEDGER_MAX = 2**53 - 1
 
 

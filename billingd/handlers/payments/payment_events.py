@@ -26,9 +26,9 @@ import msgspec
 
 from billingd.config.durations import Duration
 from billingd.handlers.kit.base import HandlerContext, HandlerSpec, JsonDecoder, Message
-from billingd.handlers.payments.invoice_payer import InvoicePayer
 from billingd.handlers.kit.money import MAX_MINOR_UNITS
 from billingd.handlers.kit.outcome import ACK, DeadLetter, InvalidMessage, Outcome
+from billingd.handlers.payments.invoice_payer import InvoicePayer
 from billingd.handlers.stripe.webhooks import header
 
 if TYPE_CHECKING:

@@ -24,9 +24,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from billingd.handlers.kit.base import MAX_ID_LENGTH
-from billingd.handlers.sms.jasmin_pickle import Obj, PickleRefused, read_pickle
 from billingd.handlers.kit.money import MAX_UNITS, to_micros_rounded
 from billingd.handlers.kit.outcome import InvalidMessage
+from billingd.handlers.sms.jasmin_pickle import Obj, PickleRefused, read_pickle
 
 #: Jasmin 0.11.1's default `[sm-listener] submit_error_retrial` counts: how many submit attempts
 #: end in that error before Jasmin gives up (its counter includes the first attempt).

@@ -27,9 +27,9 @@ import structlog
 
 from billingd.clients.ledger import SmsLedger
 from billingd.clients.ledger.jasmin import JasminLedger, SubmitOutcome
+from billingd.handlers.kit.outcome import ACK, DeadLetter, Outcome, Retry
 from billingd.handlers.sms.charges import settle_bill
 from billingd.handlers.sms.jasmin import DeliverReceipt, Receipt, SubmitReceipt
-from billingd.handlers.kit.outcome import ACK, DeadLetter, Outcome, Retry
 
 log = structlog.get_logger("billingd.jasmin")
 

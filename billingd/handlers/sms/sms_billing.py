@@ -24,11 +24,11 @@ import msgspec
 from billingd.clients.ledger import SmsLedger
 from billingd.clients.ledger.jasmin import JasminLedger
 from billingd.config.durations import Duration
-from billingd.handlers.sms import jasmin
 from billingd.handlers.kit.base import HandlerContext, HandlerSpec, Id, JsonDecoder, Message, OptionalId
-from billingd.handlers.sms.charges import settle_bill
 from billingd.handlers.kit.money import to_micros
 from billingd.handlers.kit.outcome import ACK, InvalidMessage, Outcome
+from billingd.handlers.sms import jasmin
+from billingd.handlers.sms.charges import settle_bill
 
 
 class Account(msgspec.Struct, frozen=True):

@@ -21,10 +21,10 @@ import msgspec
 
 from billingd.clients.ledger import SmsLedger
 from billingd.config.durations import Duration
-from billingd.handlers.sms import jasmin
 from billingd.handlers.kit.base import HandlerContext, HandlerSpec, Id, JsonDecoder, Message, OptionalId
-from billingd.handlers.sms.jasmin_receipts import NativeReceipts
 from billingd.handlers.kit.outcome import ACK, InvalidMessage, Outcome
+from billingd.handlers.sms import jasmin
+from billingd.handlers.sms.jasmin_receipts import NativeReceipts
 
 #: Seed 002 "Status Mapping": Jasmin status → CDR status. Any other `ESME_*` code is `failed`.
 #: `ENROUTE` (SMPP 3.4's other intermediate state) reads as `pending`.

@@ -19,7 +19,8 @@ dead-lettered and never applied). Each event is applied once (`OnceLedger`, keye
 * anything else — acked, counted in `billingd_stripe_events_ignored_total{source,type}`.
 
 Every write is versioned by `event.created`: an older event never rolls state back. Products are
-fetched through the API and cached for `handler_options.product_cache_ttl`.
+fetched through the API and cached for `handler_options.product_cache_ttl`. This module routes
+and verifies; what each event changes is `billingd.handlers.stripe.entitlements`.
 """
 
 from __future__ import annotations
@@ -31,26 +32,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from billingd.clients.ledger import OnceLedger
-from billingd.clients.ledger.base import LEDGER_MAX
 from billingd.clients.ledger.outbox import OutboxLedger
-from billingd.clients.ledger.periods import period_containing
-from billingd.clients.ledger.subscriptions import Grant, SubscriptionLedger
+from billingd.clients.ledger.subscriptions import SubscriptionLedger
 from billingd.config.durations import Duration
 from billingd.config.model import StripeSettings
-from billingd.handlers.stripe import meter_errors
 from billingd.handlers.kit.base import HandlerContext, HandlerSpec, JsonDecoder, Message
-from billingd.handlers.kit.outcome import ACK, InvalidMessage, Outcome
-from billingd.handlers.stripe.stripe_objects import (
-    ACTIVE_STATUSES,
-    ENTITLEMENT_PREFIX,
-    StripeEvent,
-    customer_of,
-    parse_entitlement,
-    renewal_period,
-    subject_in,
-    subscription_period,
-    subscription_products,
-)
+from billingd.handlers.kit.outcome import ACK, Outcome
+from billingd.handlers.stripe import meter_errors
+from billingd.handlers.stripe.entitlements import EntitlementEffects
+from billingd.handlers.stripe.stripe_objects import StripeEvent
 from billingd.handlers.stripe.webhooks import Envelope, WebhookAge, verify_relayed
 from billingd.telemetry import SourceCounter
 
@@ -95,17 +85,17 @@ class StripeEventsHandler:
         self._kind = JsonDecoder(_Kind)
         self._envelope = JsonDecoder(Envelope)
         self._event = JsonDecoder(StripeEvent)
-        self._products: dict[str, tuple[float, dict[str, str]]] = {}
+        effects = EntitlementEffects(ledger, stripe_gateway, float(options.product_cache_ttl), ignored)
         self._apply = {
-            "customer.created": self._customer,
-            "customer.updated": self._customer,
-            "customer.subscription.created": self._subscription,
-            "customer.subscription.updated": self._subscription,
-            "customer.subscription.resumed": self._subscription,
-            "customer.subscription.deleted": self._subscription_ended,
-            "customer.subscription.paused": self._subscription_ended,
-            "invoice.paid": self._invoice_paid,
-            "entitlements.active_entitlement_summary.updated": self._features,
+            "customer.created": effects.customer,
+            "customer.updated": effects.customer,
+            "customer.subscription.created": effects.subscription,
+            "customer.subscription.updated": effects.subscription,
+            "customer.subscription.resumed": effects.subscription,
+            "customer.subscription.deleted": effects.subscription_ended,
+            "customer.subscription.paused": effects.subscription_ended,
+            "invoice.paid": effects.invoice_paid,
+            "entitlements.active_entitlement_summary.updated": effects.features,
         }
 
     async def handle(self, message: Message) -> Outcome:
@@ -173,119 +163,6 @@ class StripeEventsHandler:
                        for s in kind.sample_errors if s.request is not None and s.request.identifier][:200]  # fmt: skip
             today = int(time.time()) // 86400
             await self._outbox.refused(samples, {today, today - 1, today - 2})
-
-    # -- effects -----------------------------------------------------------------------------
-
-    async def _customer(self, event: StripeEvent) -> None:
-        customer = event.data.object
-        subject = subject_in(customer.get("metadata"))
-        if subject:
-            await self._ledger.map_customer(subject, customer["id"])
-
-    async def _subscription(self, event: StripeEvent) -> None:
-        subscription = event.data.object
-        subject = await self._subject(subscription)
-        start, end, interval = subscription_period(subscription)
-        now = int(time.time())
-        grants: dict[str, Grant] = {}
-        for product_id, quantity, metadata in subscription_products(subscription):
-            if metadata is None:
-                metadata = await self._product_metadata(product_id)
-            for name, value in metadata.items():
-                if not name.startswith(ENTITLEMENT_PREFIX):
-                    continue
-                key = name[len(ENTITLEMENT_PREFIX) :]
-                limit, period, tracked = parse_entitlement(product_id, key, value, interval)
-                limit = None if limit is None else limit * quantity
-                earlier = grants.get(key)
-                if earlier is not None and earlier.limit is not None and limit is not None:
-                    limit += earlier.limit  # the same entitlement from two items adds up
-                if limit is not None and limit > LEDGER_MAX:
-                    raise InvalidMessage(
-                        f"subscription {subscription.get('id')}: entitlement {key} limit of {limit} micro-units "
-                        f"(quantity {quantity}) is above the ledger limit of {LEDGER_MAX}"
-                    )
-                period_start, period_end = (
-                    (start, end) if period == interval else period_containing(period, start, max(now, start))
-                )
-                grants[key] = Grant(key, limit, period, period_start, period_end, tracked)
-        status = subscription.get("status", "")
-        await self._ledger.apply_subscription(
-            subject,
-            version=event.created,
-            subscription_id=subscription["id"],
-            status=status,
-            active=status in ACTIVE_STATUSES,
-            period_start=start,
-            period_end=end,
-            interval=interval,
-            grants=list(grants.values()),
-            created=created if isinstance(created := subscription.get("created"), int) else 0,
-        )
-
-    async def _subscription_ended(self, event: StripeEvent) -> None:
-        subscription = event.data.object
-        subject = await self._subject(subscription)
-        status = "paused" if event.type.endswith("paused") else subscription.get("status") or "canceled"
-        await self._ledger.deactivate(subject, version=event.created, subscription_id=subscription["id"], status=status)
-
-    async def _invoice_paid(self, event: StripeEvent) -> None:
-        invoice = event.data.object
-        if invoice.get("billing_reason") != "subscription_cycle":
-            self._ignored.labels("invoice.paid:" + str(invoice.get("billing_reason"))).inc()
-            return
-        details = invoice.get("subscription_details") or (invoice.get("parent") or {}).get("subscription_details")
-        subject = await self._subject(invoice, extra_metadata=(details or {}).get("metadata"))
-        start, end = renewal_period(invoice)
-        interval = (await self._ledger.subscription(subject)).get("interval") or "month"
-        if end is None:
-            end = period_containing(interval, start, start)[1]
-        await self._ledger.renew(subject, version=event.created, start=start, end=end, interval=interval)
-
-    async def _features(self, event: StripeEvent) -> None:
-        summary = event.data.object
-        subject = await self._subject(summary)
-        entries = (summary.get("entitlements") or {}).get("data") or []
-        features = sorted({e.get("lookup_key") or e.get("feature") for e in entries} - {None})
-        await self._ledger.set_features(subject, features, version=event.created)
-
-    # -- lookups -----------------------------------------------------------------------------
-
-    async def _subject(self, obj: dict[str, Any], extra_metadata: dict[str, Any] | None = None) -> str:
-        """The workspace (or user) of an object: its metadata, else its customer's (mapped in
-        Redis, else fetched from Stripe and mapped).
-
-        Raises:
-            InvalidMessage: the customer names no workspace or user in its metadata.
-        """
-        subject = subject_in(obj.get("metadata")) or subject_in(extra_metadata)
-        customer = customer_of(obj)
-        if subject:
-            if customer:
-                await self._ledger.map_customer(subject, customer)
-            return subject
-        if not customer:
-            raise InvalidMessage(f"{obj.get('object', 'object')} {obj.get('id')} names no customer")
-        subject = await self._ledger.subject_of(customer)
-        if subject:
-            return subject
-        subject = subject_in((await self._stripe.retrieve("customers", customer)).get("metadata"))
-        if not subject:
-            raise InvalidMessage(
-                f"customer {customer} has no metadata.workspace_id or metadata.user_id: "
-                "set one on the customer in Stripe, then replay this event"
-            )
-        await self._ledger.map_customer(subject, customer)
-        return subject
-
-    async def _product_metadata(self, product_id: str) -> dict[str, str]:
-        now = time.monotonic()
-        cached = self._products.get(product_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        metadata = (await self._stripe.retrieve("products", product_id)).get("metadata") or {}
-        self._products[product_id] = (now + self._options.product_cache_ttl, metadata)
-        return metadata
 
 
 class _Kind(msgspec.Struct, frozen=True):

@@ -6,10 +6,11 @@ ways to carry an event; billingd recognises each without configuration:
 * **structured** (JSON event format, `application/cloudevents+json`): the body is one JSON object
   with `specversion`, `id`, `source`, `type` and the event's `data`;
 * **batch** (`application/cloudevents-batch+json`): the body is a JSON array of such objects;
-* **binary** (AMQP protocol binding): the attributes travel as message properties named
-  `cloudEvents:<attribute>` (the binding's prefix) or `cloudEvents_<attribute>` (the binding's
-  alternative for transports whose names take no colon — SQS message attribute names allow only
-  letters, digits, `_`, `-` and `.`), and the body is the `data`.
+* **binary**: the attributes travel as message properties and the body is the `data`. The AMQP
+  protocol binding names them `cloudEvents:<attribute>` or `cloudEvents_<attribute>` (its
+  alternative for names that take no colon — SQS message attribute names allow only letters,
+  digits, `_`, `-` and `.`: use `cloudEvents_` there) and may send `time` as an AMQP timestamp;
+  the SDK's RabbitMQ (AMQP 0-9-1) binding uses `ce-<attribute>` headers, taken too.
 
 An event maps onto the usage event of seed 004 (`subject` → `workspace_id`, `type` → `event_type`,
 `id` → `idempotency_key`, `time` → `timestamp`, `data.<value>` → `value`, `data.<customer>` →
@@ -32,8 +33,9 @@ from billingd.handlers.kit.base import MAX_ID_LENGTH
 from billingd.handlers.kit.outcome import InvalidMessage
 
 SPEC_VERSION = "1.0"
-#: Binary-mode property prefixes: the AMQP binding's `cloudEvents:` and its `cloudEvents_`.
-BINARY_PREFIXES = ("cloudEvents:", "cloudEvents_")
+#: Binary-mode property prefixes: the AMQP binding's `cloudEvents:` and `cloudEvents_`, and the
+#: `ce-` headers of the SDK's RabbitMQ binding.
+BINARY_PREFIXES = ("cloudEvents:", "cloudEvents_", "ce-")
 #: Most events billingd takes in one batch body (an SQS body of 256 KiB holds a few thousand).
 MAX_BATCH = 1000
 _REQUIRED = ("specversion", "id", "source", "type")
@@ -62,7 +64,9 @@ class CloudEventsOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True
 _DECODER = msgspec.json.Decoder(float_hook=Decimal)  # values keep their decimal digits
 
 
-def cloud_events(body: bytes, attributes: Mapping[str, Any], options: CloudEventsOptions) -> list[dict[str, Any]] | None:
+def cloud_events(
+    body: bytes, attributes: Mapping[str, Any], options: CloudEventsOptions
+) -> list[dict[str, Any]] | None:
     """The usage events a CloudEvents message carries, in the native format's field names, or None
     when the message is not a CloudEvent (the native format then applies).
 
@@ -181,9 +185,16 @@ def _number(value: Any, name: str, where: str) -> Decimal | None:
 
 
 def _timestamp(value: Any, where: str) -> int | None:
-    """RFC 3339 (CloudEvents `time`) → Unix seconds."""
+    """CloudEvents `time` → Unix seconds: an RFC 3339 string, or (binary mode over AMQP) an AMQP
+    timestamp — milliseconds since the epoch (AMQP 1.0) or a header timestamp (AMQP 0-9-1)."""
     if value is None:
         return None
+    if isinstance(value, datetime.datetime):
+        return (
+            int(value.timestamp()) if value.tzinfo is not None else int(value.replace(tzinfo=datetime.UTC).timestamp())
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value // 1000
     if not isinstance(value, str) or len(value) > 64:
         raise InvalidMessage(f"cloudevents: {where}`time` must be an RFC 3339 timestamp string")
     try:

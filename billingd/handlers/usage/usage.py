@@ -1,6 +1,7 @@
 """`usage`: usage events (seed 001 entitlement usage; seed 004 metered usage) applied exactly once.
 
-Two message shapes:
+Two message shapes (and both as CloudEvents 1.0 — structured, batch or binary — mapped onto them
+by `billingd.handlers.usage.cloudevents` with `handler_options.cloudevents`):
 
 * seed 001 — `{userId, entitlementKey, amount = 1, idempotencyKey?, metadata?}`: consume the
   user's entitlement (lazy period reset, limit check) and count the usage;
@@ -53,9 +54,10 @@ from billingd.clients.ledger.outbox import JOURNAL_ONE, OutboxEvent, OutboxLedge
 from billingd.clients.stripe_ids import meter_identifier
 from billingd.config.durations import Duration
 from billingd.handlers.kit.base import HandlerContext, HandlerSpec, JsonDecoder, Message, OptionalId
-from billingd.handlers.usage.meters import MeterMap
 from billingd.handlers.kit.money import to_micros
 from billingd.handlers.kit.outcome import ACK, DeadLetter, InvalidMessage, Outcome, Retry
+from billingd.handlers.usage.cloudevents import CloudEventsOptions, cloud_events
+from billingd.handlers.usage.meters import MeterMap
 from billingd.telemetry import SourceCounter
 
 if TYPE_CHECKING:
@@ -88,6 +90,8 @@ class UsageOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     unmapped: Literal["count", "dead_letter"] = "count"
     """An event type without a Stripe meter: counted in Redis and in
     `billingd_usage_unmetered_total` (`count`), or dead-lettered unapplied (`dead_letter`)."""
+    cloudevents: CloudEventsOptions = CloudEventsOptions()
+    """How CloudEvents map onto usage events (recognised unless `enabled = false`)."""
 
 
 class UsageEvent(msgspec.Struct, frozen=True):
@@ -141,8 +145,26 @@ class UsageHandler:
         self.downstreams: tuple[str, ...] = ("redis", stripe_side) if meters else ("redis",)
 
     async def handle(self, message: Message) -> Outcome:
-        """Apply one usage event (see module docstring)."""
-        event = self._decoder.decode(message.body)
+        """Apply one usage event, or each event of a CloudEvents message in order (see module
+        docstring). Every event of a batch is checked before any is applied; a batch is acked when
+        all are applied (a retry re-applies none twice: each has its own key)."""
+        found = cloud_events(message.body, message.attributes, self._options.cloudevents)
+        if found is None:
+            return await self._apply(self._decoder.decode(message.body), message)
+        events = [_convert_cloud_event(usage, i if len(found) > 1 else None) for i, usage in enumerate(found)]
+        for i, event in enumerate(events):
+            outcome = await self._apply(event, message)
+            if outcome is not ACK:
+                if isinstance(outcome, DeadLetter) and len(events) > 1:
+                    done = f"events [0]..[{i - 1}] were applied" if i else "no event was applied"
+                    return DeadLetter(
+                        f"cloudevents: event [{i}]: {outcome.reason} ({done}; a replay applies the rest once)"
+                    )
+                return outcome
+        return ACK
+
+    async def _apply(self, event: UsageEvent, message: Message) -> Outcome:
+        """Apply one decoded usage event."""
         if event.userId is not None or event.entitlementKey is not None:
             subject = _required(event.userId, "userId")
             name = _required(event.entitlementKey, "entitlementKey")
@@ -280,6 +302,19 @@ class UsageHandler:
                 f"× scale {scale} = {scaled:f} has {digits}"
             )
         return int(scaled)
+
+
+def _convert_cloud_event(usage: dict[str, Any], index: int | None) -> UsageEvent:
+    """A CloudEvent's usage fields as a `UsageEvent`, with the native format's checks.
+
+    Raises:
+        InvalidMessage: a field breaks the native schema (an id with braces, too long).
+    """
+    try:
+        return msgspec.convert(usage, UsageEvent)
+    except msgspec.ValidationError as exc:
+        where = f"event [{index}]: " if index is not None else ""
+        raise InvalidMessage(f"cloudevents: {where}invalid usage event: {exc}") from None
 
 
 def _check_customer(customer: str) -> None:
