@@ -314,4 +314,5 @@ async def test_inline_delivery_is_journaled_once_and_reconciles_clean(amqp, redi
         report = await _reconciler(clients, redis).run(since=now - 6 * 3600, until=now, customer="cus_inline")
     finally:
         await clients.aclose()
-    assert report.differences == [] and report.compared >= 2  # the two hours the events fall in
+    hours = {b["timestamp"] // 3600 for b in bodies}  # one or two clock hours, by when the test runs
+    assert report.differences == [] and report.compared >= len(hours)
