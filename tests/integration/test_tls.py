@@ -232,7 +232,7 @@ async def test_check_says_how_each_connection_is_secured(tls_rabbit, tls_files, 
 async def _check(tmp_path: Path, settings: Any) -> subprocess.CompletedProcess[str]:
     config = tmp_path / f"check-{unique('c')}.toml"
     config.write_text(to_toml(settings_tree(settings)))
-    env = {"REDIS_PASSWORD": PASSWORD, "PATH": "/usr/bin:/bin"}
+    env = {"REDIS_PASSWORD": PASSWORD, "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}  # no .pyc in the tree
     command = [sys.executable, "-m", "billingd", "check", "--config", str(config)]
     return await anyio.to_thread.run_sync(
         lambda: subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
