@@ -12,7 +12,7 @@ these same names.
 * effects exactly once: `Ledger` (Lua scripts through the command batcher), `Script`,
   `redis_key` (hash-tagged keys), `OnceLedger` (a step once per subject and key, across
   replicas), `StripeGateway` (Stripe's budget, idempotency keys, error classification),
-  `MeterEventExists`, `stripe_key`, `HttpForwarder`;
+  `MeterEventExists`, `meter_identifier`, `stripe_key`, `HttpForwarder`;
 * money: `to_units`, `to_micros`, `to_micros_rounded`, `MAX_UNITS`, `MAX_MINOR_UNITS`.
 """
 
@@ -27,6 +27,7 @@ from billingd.clients.ledger.base import key as redis_key
 from billingd.clients.ledger.once import OnceLedger
 from billingd.clients.ledger.scripts import Script
 from billingd.clients.stripe_ids import bounded as stripe_key
+from billingd.clients.stripe_ids import meter_identifier
 from billingd.config.durations import Duration
 from billingd.handlers.kit.base import (
     MAX_ID_LENGTH,
@@ -73,6 +74,7 @@ __all__ = [
     "Script",
     "StripeGateway",
     "Throttled",
+    "meter_identifier",
     "redis_key",
     "stripe_key",
     "to_micros",

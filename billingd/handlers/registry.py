@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+import msgspec
+
 from billingd.config import Settings, check_value, convert
 from billingd.handlers.kit.base import Handler, HandlerContext, HandlerSpec
 
@@ -93,7 +95,7 @@ class HandlerRegistry(Mapping[str, HandlerSpec[Any]]):
         entry = found[0]
         try:
             target = EntryPoint(entry.name, entry.value, GROUP).load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() at import is its failure
             raise HandlerLoadError(
                 f'handler "{name}" of {entry.origin} failed to import ({entry.value}): '
                 f"{type(exc).__name__}: {str(exc)[:300]} — reinstall or fix that package"
@@ -101,6 +103,10 @@ class HandlerRegistry(Mapping[str, HandlerSpec[Any]]):
         if not isinstance(target, HandlerSpec):
             raise HandlerLoadError(
                 f'handler "{name}" of {entry.origin}: {entry.value} is a {type(target).__name__}, not a HandlerSpec'
+            )
+        if not (isinstance(target.options, type) and issubclass(target.options, msgspec.Struct)):
+            raise HandlerLoadError(
+                f'handler "{name}" of {entry.origin}: its options ({target.options!r:.80}) are not a msgspec.Struct'
             )
         if target.name != name:
             raise HandlerLoadError(

@@ -57,12 +57,15 @@ class MemorySource:
         group: str | None = None,
         attributes: Mapping[str, Any] | None = None,
         attempt: int = 1,
+        delivery_id: str | None = None,
     ) -> Delivery:
-        """Enqueue a message; returns its delivery."""
+        """Enqueue a message; returns its delivery (`delivery_id`: the message id unless given —
+        give each copy of one message id its own to tell their settlements apart)."""
         identity = message_id or f"m-{next(self._ids)}"
         delivery = Delivery(
-            body, identity, attempt, dict(attributes or {}), None, group, redelivered=attempt > 1, delivery_id=identity
-        )
+            body, identity, attempt, dict(attributes or {}), None, group, redelivered=attempt > 1,
+            delivery_id=delivery_id or identity,
+        )  # fmt: skip
         self._queue.append(delivery)
         self._arrived.set()
         return delivery

@@ -42,12 +42,14 @@ FAST = {
 @dataclass(frozen=True)
 class Result:
     """How one message left the actor: `disposition` (`"ack"` or `"dead_letter"`), the dead
-    letter's `reason`, and `attempts` (deliveries it took, retries included)."""
+    letter's `reason`, `attempts` (billingd's counted attempts: an outage's uncounted retries are
+    not attempts) and `deliveries` (every time the handler was given it, retries of any kind)."""
 
     message_id: str
     disposition: str
     reason: str
     attempts: int
+    deliveries: int
 
     @property
     def acked(self) -> bool:
@@ -103,6 +105,13 @@ class HandlerHarness:
         self._actor: SourceActor | None = None
 
     async def __aenter__(self) -> HandlerHarness:
+        try:
+            return await self._start()
+        except BaseException:
+            await self._stack.aclose()  # what was started (clients, the source) is closed again
+            raise
+
+    async def _start(self) -> HandlerHarness:
         errors = handler_errors(self.settings, self._handlers)
         if errors:
             raise ValueError("; ".join(errors))
@@ -130,12 +139,15 @@ class HandlerHarness:
         await self._stack.__aexit__(kind, error, trace)
 
     def put(self, body: bytes | Mapping[str, Any], message_id: str | None = None, **attributes: Any) -> str:
-        """Enqueue one message (a mapping is sent as JSON); returns its message id."""
+        """Enqueue one message (a mapping is sent as JSON; `message_id` may repeat: a copy);
+        returns this delivery's id, for `result`."""
         assert self._source is not None, "use the harness as `async with`"
         raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
-        identity = message_id or f"harness-{next(self._ids)}"
-        self._source.put(raw, identity, attributes=attributes)
-        return identity
+        number = next(self._ids)
+        identity = message_id or f"harness-{number}"
+        delivery = f"{identity}#{number}"
+        self._source.put(raw, identity, attributes=attributes, delivery_id=delivery)
+        return delivery
 
     async def send(
         self,
@@ -152,27 +164,30 @@ class HandlerHarness:
         """
         return await self.result(self.put(body, message_id, **attributes), within=within)
 
-    async def result(self, message_id: str, *, within: float = 10.0) -> Result:
-        """Wait for message `message_id`'s final settlement (ack or dead letter).
+    async def result(self, delivery_id: str, *, within: float = 10.0) -> Result:
+        """Wait for the final settlement (ack or dead letter) of the delivery `put` returned.
 
         Raises:
             TimeoutError: none within `within` seconds.
         """
         with anyio.fail_after(within):
             while True:
-                final = self._final(message_id)
+                final = self._final(delivery_id)
                 if final is not None:
                     return final
                 await anyio.sleep(0.005)
 
     def settlements(self, message_id: str) -> list[Settlement]:
-        """Every settlement of `message_id` so far (retries, then its final one)."""
+        """Every settlement so far of the deliveries of `message_id` (every copy: retries, then
+        each copy's final one), in order."""
         assert self._source is not None
         return [s for s in self._source.settled if s.delivery.message_id == message_id]
 
-    def _final(self, message_id: str) -> Result | None:
-        settled = self.settlements(message_id)
+    def _final(self, delivery_id: str) -> Result | None:
+        assert self._source is not None
+        settled = [s for s in self._source.settled if s.delivery.delivery_id == delivery_id]
         if not settled or settled[-1].disposition not in (Disposition.ACK, Disposition.DEAD_LETTER):
             return None
         last = settled[-1]
-        return Result(message_id, last.disposition.value, last.reason, len(settled))
+        counted = last.delivery.attempt  # billingd's count (AttemptLedger), set before the handler ran
+        return Result(last.delivery.message_id, last.disposition.value, last.reason, counted, len(settled))

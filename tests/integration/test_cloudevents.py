@@ -77,7 +77,8 @@ async def test_structured_and_binary_events_over_amqp_count_once_and_reach_the_m
     ledger = UsageLedger(redis, Unguarded("redis"))
     assert (await ledger.counter(ws, "ai_credits"))[0] == 23 * MICROS  # 5 + 7 + 11; the copy counted once
     identifiers = sorted(e["identifier"] for e in stripe_double.meter_events)
-    assert identifiers == sorted(meter_identifier(ws, "ai_credits", k) for k in ("ce-1", "ce-2", "ce-3"))
+    keys = (f"{len(SOURCE)}:{SOURCE}:{k}" for k in ("ce-1", "ce-2", "ce-3"))  # source+id, the default key
+    assert identifiers == sorted(meter_identifier(ws, "ai_credits", k) for k in keys)
     assert sorted(int(e["payload"]["value"]) for e in stripe_double.meter_events) == [5, 7, 11]
     reasons = sorted(str(m.headers["x-billingd-reason"]) for m in letters)
     assert reasons[0].startswith("cloudevents: `data` must be a JSON object, not a string")
@@ -99,12 +100,18 @@ async def test_a_batch_and_binary_attributes_over_sqs_are_applied_like_native_ev
     await sqs.send(url, data, attributes=attributes)
     late = structured(event(user, "b-9"))
     late["time"] = "yesterday"
-    await sqs.send(url, b"[" + b",".join([*(JSON.write(e) for e in events), json.dumps(late).encode()]) + b"]")
+    invalid = [*(structured(event(user, f"c-{i}")) for i in range(3)), late]  # an invalid member: none applied
+    await sqs.send(url, json.dumps(invalid))
+    refused = [event(user, "d-0", value=1), event(user, "d-1", value=500), event(user, "d-2", value=2)]
+    await sqs.send(url, batch(refused))  # d-1 is over the limit: d-0 and d-2 applied all the same
     async with running(make_settings([source])) as daemon:
         processed = daemon.metrics.processed
         await wait_for(lambda: processed.labels(source["name"], "ack")._value.get() == 3, timeout=20, what="acks")
-        await wait_for(lambda: processed.labels(source["name"], "dead_letter")._value.get() == 1, what="a letter")
-    assert (await ledger.entitlement(user, "ai_credits"))["used"] == str(16 * MICROS)
-    [letter] = await sqs.take(dlq)
-    reason = letter["MessageAttributes"]["reason"]["StringValue"]
-    assert reason.startswith("cloudevents: event [3]: `time` 'yesterday' is not an RFC 3339 timestamp")
+        await wait_for(lambda: processed.labels(source["name"], "dead_letter")._value.get() == 2, what="2 letters")
+    assert (await ledger.entitlement(user, "ai_credits"))["used"] == str((6 + 10 + 3) * MICROS)
+    reasons = sorted(m["MessageAttributes"]["reason"]["StringValue"] for m in await sqs.take(dlq))
+    assert reasons[0].startswith("cloudevents: 1 of 3 events not applied, the other 2 applied")
+    assert "event [1]" in reasons[0] and "over the limit of ai_credits" in reasons[0]
+    assert reasons[1] == (
+        "cloudevents: event [3]: `time` 'yesterday' is not an RFC 3339 timestamp (no event of the batch was applied)"
+    )

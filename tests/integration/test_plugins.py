@@ -106,6 +106,11 @@ def test_a_plugin_that_fails_to_import_stops_only_the_configs_that_use_it(tmp_pa
     assert refused.returncode == 78
     assert 'sources[0].handler: handler "broken" of broken-plugin 1.0 failed to import' in refused.stderr
     assert "ModuleNotFoundError" in refused.stderr and "reinstall or fix that package" in refused.stderr
+    # a plugin that calls sys.exit() while importing is a failed plugin, not a passing check
+    fake_distribution(packages, "exiting-plugin", {"exiting": "exiting_plugin:SPEC"}, "exiting_plugin",
+                      "import sys\nsys.exit(0)\n")  # fmt: skip
+    exiting = check(write_config(tmp_path, [amqp_source("exiting")]), pythonpath=packages)
+    assert exiting.returncode == 78 and 'handler "exiting" of exiting-plugin 1.0 failed to import' in exiting.stderr
 
 
 def test_two_packages_registering_one_handler_name_are_refused(tmp_path):

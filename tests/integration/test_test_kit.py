@@ -48,3 +48,13 @@ async def test_a_spec_not_yet_installed_is_retried_by_the_actor_until_it_succeed
         result = await harness.send(b"{}", "m-1")
     assert result.acked and result.attempts == 3
     assert [s.disposition.value for s in harness.settlements("m-1")] == ["retry", "retry", "ack"]
+
+
+async def test_each_copy_of_one_message_id_gets_its_own_result(billingd_redis_url, billingd_redis):
+    spec = HandlerSpec("flaky_kit", NoOptions, _flaky)
+    async with HandlerHarness("flaky_kit", redis_url=billingd_redis_url, handlers={"flaky_kit": spec}) as harness:
+        first = harness.put(b"{}", "same")
+        second = harness.put(b"{}", "same")  # a copy: its own delivery, its own settlements
+        one, two = await harness.result(first), await harness.result(second)
+    assert one.acked and two.acked and first != second
+    assert len(harness.settlements("same")) == one.deliveries + two.deliveries

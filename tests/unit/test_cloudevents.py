@@ -32,21 +32,48 @@ prefixes = st.sampled_from(["cloudEvents:", "cloudEvents_", "ce-", ""])
 def test_a_structured_event_maps_onto_the_native_usage_event():
     [usage] = cloud_events(json.dumps(VALID).encode(), {}, OPTIONS)
     event = msgspec.convert(usage, UsageEvent)
-    assert (event.event_type, event.workspace_id, event.idempotency_key) == ("ai_credits", "ws_1", "e-1")
+    assert (event.event_type, event.workspace_id, event.idempotency_key) == ("ai_credits", "ws_1", "3:/gw:e-1")
     assert event.value == Decimal("2.5") and event.stripe_customer_id == "cus_1"
     assert event.timestamp == int(datetime.datetime(2026, 12, 6, 10, tzinfo=datetime.UTC).timestamp())
 
 
 def test_seed_001_mapping_and_source_scoped_keys():
-    options = CloudEventsOptions(subject="userId", key="source+id", value="usage.amount")
+    options = CloudEventsOptions(subject="userId", value="usage.amount")
     body = {**VALID, "type": "AI_CREDITS", "data": {"usage": {"amount": "3"}}}
     [usage] = cloud_events(json.dumps(body).encode(), {}, options)
-    assert usage == {
-        "userId": "ws_1",
-        "entitlementKey": "AI_CREDITS",
-        "amount": Decimal(3),
-        "idempotencyKey": "/gw e-1",
-    }
+    expected = {"userId": "ws_1", "entitlementKey": "AI_CREDITS", "amount": Decimal(3), "idempotencyKey": "3:/gw:e-1",
+                "timestamp": 1796551200}  # fmt: skip
+    assert usage == expected
+    # length-prefixed: source "a b" + id "c" is not source "a" + id "b c"
+    one = cloud_events(json.dumps({**VALID, "source": "a b", "id": "c"}).encode(), {}, OPTIONS)
+    two = cloud_events(json.dumps({**VALID, "source": "a", "id": "b c"}).encode(), {}, OPTIONS)
+    assert one[0]["idempotency_key"] != two[0]["idempotency_key"]
+    bare = cloud_events(json.dumps(VALID).encode(), {}, CloudEventsOptions(type_prefix="com.acme.", key="id"))
+    assert bare[0]["idempotency_key"] == "e-1"
+
+
+def test_a_missing_quantity_is_never_a_default_one():
+    body = {**VALID, "data": {"tokens": 250000}}
+    with pytest.raises(InvalidMessage, match=r"data\.value is missing"):
+        cloud_events(json.dumps(body).encode(), {}, CloudEventsOptions(subject="userId", type_prefix="com.acme."))
+
+
+def test_one_attribute_under_two_prefixes_with_different_values_is_refused():
+    attributes = {"cloudEvents_specversion": "1.0", "cloudEvents_id": "A", "ce-id": "B", "ce-source": "/s",
+                  "ce-type": "com.acme.x", "ce-subject": "ws"}  # fmt: skip
+    with pytest.raises(InvalidMessage, match="given twice with different values"):
+        cloud_events(b'{"value": 1}', attributes, OPTIONS)
+    with pytest.raises(InvalidMessage, match="not UTF-8"):
+        cloud_events(b'{"value": 1}', {**attributes, "ce-id": b"\xff", "cloudEvents_id": b"\xff"}, OPTIONS)
+
+
+def test_time_is_rfc3339_text_in_structured_mode():
+    for good in ("2026-12-06t10:00:00z", "2026-12-06T10:00:00.123456789+00:00"):
+        [usage] = cloud_events(json.dumps({**VALID, "time": good}).encode(), {}, OPTIONS)
+        assert usage["timestamp"] == 1796551200
+    for bad in (1796551200, "2026-12-06", "20261206T100000Z", "2026-12-06T10:00:00"):
+        with pytest.raises(InvalidMessage, match="RFC 3339"):
+            cloud_events(json.dumps({**VALID, "time": bad}).encode(), {}, OPTIONS)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +86,7 @@ def test_seed_001_mapping_and_source_scoped_keys():
         ({"data": {"value": True}}, "data.value must be a number, not a boolean"),
         ({"data": {"value": "lots"}}, "data.value 'lots' is not a number"),
         ({"type": "org.other.x"}, "type 'org.other.x' does not start with 'com.acme.'"),
-        ({"time": "2026-12-06T10:00:00"}, "has no UTC offset"),
+        ({"time": "2026-12-06T10:00:00"}, "is not an RFC 3339 timestamp"),
         ({"datacontenttype": "application/xml"}, "datacontenttype 'application/xml' is not JSON"),
         ({"subject": None}, "`subject` (the workspace_id) is missing or empty"),
     ],

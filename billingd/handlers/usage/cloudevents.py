@@ -23,6 +23,8 @@ reason that starts `cloudevents:`.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import re
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -39,6 +41,8 @@ BINARY_PREFIXES = ("cloudEvents:", "cloudEvents_", "ce-")
 #: Most events billingd takes in one batch body (an SQS body of 256 KiB holds a few thousand).
 MAX_BATCH = 1000
 _REQUIRED = ("specversion", "id", "source", "type")
+#: RFC 3339 `date-time` (section 5.6): a full date, `T`, a time with optional fraction, an offset.
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
 
 
 class CloudEventsOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -56,9 +60,11 @@ class CloudEventsOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True
     """The `data` field holding the quantity (a dotted path for a nested one: `usage.tokens`)."""
     customer: str = "stripe_customer_id"
     """The `data` field holding the Stripe customer id, when the producer knows it (optional)."""
-    key: Literal["id", "source+id"] = "id"
-    """The idempotency key: the event's `id`, or `source` and `id` together (CloudEvents makes only
-    the pair unique: use it when several sources may reuse ids for one subject)."""
+    key: Literal["source+id", "id"] = "source+id"
+    """The idempotency key: `source` and `id` together (CloudEvents makes only the pair unique:
+    two producers may both send id "42" for one subject), or the `id` alone (when every producer
+    is known to make ids unique per subject). Changing it on a live system changes the key of
+    every event not yet applied: a replay of one applied before the change counts again."""
 
 
 _DECODER = msgspec.json.Decoder(float_hook=Decimal)  # values keep their decimal digits
@@ -81,7 +87,7 @@ def cloud_events(
     binary = _binary_attributes(attributes)
     if binary is not None:
         data = _decode(body, "the body (binary mode: the body is the event's data)")
-        return [_usage(binary, data, options, "")]
+        return [_usage(binary, data, options, "", binary=True)]
     if b'"specversion"' not in body:
         return None
     document = _decode(body, "the body")
@@ -90,16 +96,38 @@ def cloud_events(
     if isinstance(document, list) and document and isinstance(document[0], dict) and "specversion" in document[0]:
         if len(document) > MAX_BATCH:
             raise InvalidMessage(f"cloudevents: a batch of {len(document)} events; billingd takes at most {MAX_BATCH}")
-        return [_structured(event, options, f"event [{i}]: ") for i, event in enumerate(document)]
+        try:
+            return [_structured(event, options, f"event [{i}]: ") for i, event in enumerate(document)]
+        except InvalidMessage as exc:
+            raise InvalidMessage(f"{exc.reason} (no event of the batch was applied)") from None
     return None  # "specversion" somewhere inside a native event
 
 
 def _binary_attributes(attributes: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The binary-mode attributes by name, or None without a `specversion` among them.
+
+    Raises:
+        InvalidMessage: one attribute under two prefixes with different values (which one a
+            broker delivers first is not defined: the key could change between deliveries), or a
+            bytes value that is not UTF-8.
+    """
     found: dict[str, Any] = {}
     for name, value in attributes.items():
         for prefix in BINARY_PREFIXES:
-            if isinstance(name, str) and name.startswith(prefix):
-                found[name[len(prefix) :]] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            if not (isinstance(name, str) and name.startswith(prefix)):
+                continue
+            attribute = name[len(prefix) :]
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidMessage(f"cloudevents: attribute {name[:80]!r} is not UTF-8 text") from None
+            if attribute in found and found[attribute] != value:
+                raise InvalidMessage(
+                    f"cloudevents: attribute `{attribute[:40]}` is given twice with different values "
+                    f"({', '.join(BINARY_PREFIXES)} prefixes): not applied"
+                )
+            found[attribute] = value
     return found if "specversion" in found else None
 
 
@@ -118,7 +146,9 @@ def _structured(event: Any, options: CloudEventsOptions, where: str) -> dict[str
     return _usage(event, event.get("data"), options, where)
 
 
-def _usage(event: Mapping[str, Any], data: Any, options: CloudEventsOptions, where: str) -> dict[str, Any]:
+def _usage(
+    event: Mapping[str, Any], data: Any, options: CloudEventsOptions, where: str, *, binary: bool = False
+) -> dict[str, Any]:
     """The native usage event (a dict for `msgspec.convert`) of one CloudEvent."""
     for name in _REQUIRED:
         value = event.get(name)
@@ -142,23 +172,39 @@ def _usage(event: Mapping[str, Any], data: Any, options: CloudEventsOptions, whe
     if not isinstance(data, dict):
         raise InvalidMessage(f"cloudevents: {where}`data` must be a JSON object, not {_kind(data)}")
     value = _number(_field(data, options.value), options.value, where)
-    key = event["id"] if options.key == "id" else f"{event['source']} {event['id']}"
-    if len(key) > MAX_ID_LENGTH:
-        raise InvalidMessage(f"cloudevents: {where}the idempotency key (from `id`) is longer than {MAX_ID_LENGTH}")
-    timestamp = _timestamp(event.get("time"), where)
+    key = _key(event["source"], event["id"], options.key)
+    if len(key) > MAX_ID_LENGTH or "{" in key or "}" in key:
+        raise InvalidMessage(
+            f"cloudevents: {where}the idempotency key (`id`) must be at most {MAX_ID_LENGTH} characters, without braces"
+        )
+    timestamp = _timestamp(event.get("time"), where, binary)
     customer = _field(data, options.customer)
     if customer is not None and not isinstance(customer, str):
         raise InvalidMessage(f"cloudevents: {where}data.{options.customer} must be a string, not {_kind(customer)}")
-    if options.subject == "userId":
-        return {"userId": subject, "entitlementKey": kind, "amount": value, "idempotencyKey": key}
-    if value is None:
+    if value is None:  # never a default quantity: a CloudEvent without one is not understood
         raise InvalidMessage(f"cloudevents: {where}data.{options.value} is missing (the usage value)")
-    usage: dict[str, Any] = {"event_type": kind, "workspace_id": subject, "value": value, "idempotency_key": key}
-    if customer is not None:
+    usage: dict[str, Any]
+    if options.subject == "userId":
+        usage = {"userId": subject, "entitlementKey": kind, "amount": value, "idempotencyKey": key}
+    else:
+        usage = {"event_type": kind, "workspace_id": subject, "value": value, "idempotency_key": key}
+    if customer is not None and options.subject == "workspace_id":
         usage["stripe_customer_id"] = customer
     if timestamp is not None:
         usage["timestamp"] = timestamp
     return usage
+
+
+def _key(source: str, event_id: str, kind: str) -> str:
+    """The idempotency key of an event: its `id`, or (`source+id`) its `source` and `id`
+    length-prefixed — `"a b" + "c"` and `"a" + "b c"` differ — and digested past
+    `MAX_ID_LENGTH` or when the source holds a brace (a Redis Cluster hash tag's delimiter)."""
+    if kind == "id":
+        return event_id
+    key = f"{len(source)}:{source}:{event_id}"
+    if len(key) <= MAX_ID_LENGTH and "{" not in source and "}" not in source:
+        return key
+    return "ce-sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest() + ":" + event_id[:300]
 
 
 def _field(data: Mapping[str, Any], path: str) -> Any:
@@ -184,11 +230,13 @@ def _number(value: Any, name: str, where: str) -> Decimal | None:
     return number
 
 
-def _timestamp(value: Any, where: str) -> int | None:
-    """CloudEvents `time` → Unix seconds: an RFC 3339 string, or (binary mode over AMQP) an AMQP
-    timestamp — milliseconds since the epoch (AMQP 1.0) or a header timestamp (AMQP 0-9-1)."""
+def _timestamp(value: Any, where: str, binary: bool = False) -> int | None:
+    """CloudEvents `time` → Unix seconds: an RFC 3339 string, or (binary mode over AMQP only) an
+    AMQP timestamp — milliseconds since the epoch (AMQP 1.0) or a header timestamp (AMQP 0-9-1)."""
     if value is None:
         return None
+    if not binary and not isinstance(value, str):
+        raise InvalidMessage(f"cloudevents: {where}`time` must be an RFC 3339 timestamp string")
     if isinstance(value, datetime.datetime):
         return (
             int(value.timestamp()) if value.tzinfo is not None else int(value.replace(tzinfo=datetime.UTC).timestamp())
@@ -197,12 +245,12 @@ def _timestamp(value: Any, where: str) -> int | None:
         return value // 1000
     if not isinstance(value, str) or len(value) > 64:
         raise InvalidMessage(f"cloudevents: {where}`time` must be an RFC 3339 timestamp string")
+    if not _RFC3339.match(value):
+        raise InvalidMessage(f"cloudevents: {where}`time` {value!r} is not an RFC 3339 timestamp")
     try:
-        moment = datetime.datetime.fromisoformat(value)
+        moment = datetime.datetime.fromisoformat(value.upper())  # RFC 3339 allows `t` and `z`
     except ValueError:
         raise InvalidMessage(f"cloudevents: {where}`time` {value!r} is not an RFC 3339 timestamp") from None
-    if moment.tzinfo is None:
-        raise InvalidMessage(f"cloudevents: {where}`time` {value!r} has no UTC offset (RFC 3339 requires one)")
     return int(moment.timestamp())
 
 

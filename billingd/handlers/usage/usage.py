@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 import structlog
 
+from billingd.clients.errors import Busy, DownstreamRejected, DownstreamUnavailable
 from billingd.clients.ledger import Applied, OnceLedger, UsageLedger
 from billingd.clients.ledger.base import LEDGER_MAX
 from billingd.clients.ledger.outbox import JOURNAL_ONE, OutboxEvent, OutboxLedger, encode, journal_key
@@ -145,26 +147,63 @@ class UsageHandler:
         self.downstreams: tuple[str, ...] = ("redis", stripe_side) if meters else ("redis",)
 
     async def handle(self, message: Message) -> Outcome:
-        """Apply one usage event, or each event of a CloudEvents message in order (see module
-        docstring). Every event of a batch is checked before any is applied; a batch is acked when
-        all are applied (a retry re-applies none twice: each has its own key)."""
+        """Apply one usage event, or the events of a CloudEvents message (see module docstring)."""
         found = cloud_events(message.body, message.attributes, self._options.cloudevents)
         if found is None:
-            return await self._apply(self._decoder.decode(message.body), message)
-        events = [_convert_cloud_event(usage, i if len(found) > 1 else None) for i, usage in enumerate(found)]
-        for i, event in enumerate(events):
-            outcome = await self._apply(event, message)
-            if outcome is not ACK:
-                if isinstance(outcome, DeadLetter) and len(events) > 1:
-                    done = f"events [0]..[{i - 1}] were applied" if i else "no event was applied"
-                    return DeadLetter(
-                        f"cloudevents: event [{i}]: {outcome.reason} ({done}; a replay applies the rest once)"
-                    )
-                return outcome
+            return await self._effect(self._prepare(self._decoder.decode(message.body), message))
+        if len(found) == 1:
+            return await self._effect(self._prepare(_convert_cloud_event(found[0], None), message))
+        return await self._batch(found, message)
+
+    async def _batch(self, found: list[dict[str, Any]], message: Message) -> Outcome:
+        """A CloudEvents batch: every event is checked before any is applied (one invalid event
+        dead-letters the batch, nothing applied); then each is applied whatever the others'
+        outcomes. Events refused by state (over a limit, inactive) are named in one dead letter
+        after the rest were applied; an event waiting (a missing entitlement, a downstream
+        unavailable) retries the message — the applied events are duplicates then, never counted
+        twice (each has its own key)."""
+        prepared: list[_Prepared] = []
+        for i, usage in enumerate(found):
+            try:
+                prepared.append(self._prepare(_convert_cloud_event(usage, i), message))
+            except InvalidMessage as exc:
+                reason = exc.reason.removeprefix("cloudevents: ")
+                prefix = "" if reason.startswith(f"event [{i}]") else f"event [{i}]: "
+                raise InvalidMessage(f"cloudevents: {prefix}{reason} (no event of the batch was applied)") from None
+        refused: list[str] = []
+        waiting: Retry | None = None
+        failure: DownstreamUnavailable | Busy | None = None  # raised after the rest: the policy judges it
+        for i, one in enumerate(prepared):
+            try:
+                outcome = await self._effect(one)
+            except DownstreamRejected as exc:
+                outcome = DeadLetter(str(exc))
+            except (DownstreamUnavailable, Busy) as exc:
+                failure = failure or exc
+                continue
+            if isinstance(outcome, DeadLetter):
+                refused.append(f"event [{i}] (key {one.key[:80]!r}): {outcome.reason}")
+            elif isinstance(outcome, Retry):
+                waiting = waiting or outcome
+        if failure is not None:
+            raise failure
+        if waiting is not None:
+            return waiting
+        if refused:
+            applied = len(prepared) - len(refused)
+            return DeadLetter(
+                f"cloudevents: {len(refused)} of {len(prepared)} events not applied, the other {applied} applied "
+                f"(a replay applies none twice): " + "; ".join(refused)
+            )
         return ACK
 
-    async def _apply(self, event: UsageEvent, message: Message) -> Outcome:
-        """Apply one decoded usage event."""
+    def _prepare(self, event: UsageEvent, message: Message) -> _Prepared:
+        """What one decoded usage event would do, checked before any effect.
+
+        Raises:
+            InvalidMessage: it can never be applied (shape, value, timestamp, customer id, an
+                unmapped event type with `unmapped = "dead_letter"`).
+        """
         if event.userId is not None or event.entitlementKey is not None:
             subject = _required(event.userId, "userId")
             name = _required(event.entitlementKey, "entitlementKey")
@@ -191,11 +230,16 @@ class UsageHandler:
         micros = to_micros(quantity, field)
         if meter is None:
             if self._options.unmapped == "dead_letter":
-                return DeadLetter(
+                raise InvalidMessage(
                     f"event type {name!r} has no Stripe meter in [stripe].meters (matched case-insensitively): "
                     'not applied; map it, or set handler_options.unmapped = "count"'
                 )
             self._meters.unmetered(name)
+        return _Prepared(event, subject, name, quantity, consume, key, meter, metered_value, micros)
+
+    async def _effect(self, prepared: _Prepared) -> Outcome:
+        """Apply one prepared usage event: the Redis step (with its outbox entry), then the meter."""
+        event, subject, name, quantity, consume, key, meter, metered_value, micros = prepared.fields()
         now = int(time.time())
         customer = (event.stripe_customer_id or await self._ledger.customer(subject)) if meter else None
         queued = None
@@ -302,6 +346,26 @@ class UsageHandler:
                 f"× scale {scale} = {scaled:f} has {digits}"
             )
         return int(scaled)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A usage event checked and resolved: its subject, event type, quantity (seed 001 consumes an
+    entitlement), idempotency key, meter (None: unmetered), Stripe value and micro-units."""
+
+    event: UsageEvent
+    subject: str
+    name: str
+    quantity: Decimal
+    consume: bool
+    key: str
+    meter: str | None
+    metered_value: int
+    micros: int
+
+    def fields(self) -> tuple[UsageEvent, str, str, Decimal, bool, str, str | None, int, int]:
+        return (self.event, self.subject, self.name, self.quantity, self.consume, self.key, self.meter,
+                self.metered_value, self.micros)  # fmt: skip
 
 
 def _convert_cloud_event(usage: dict[str, Any], index: int | None) -> UsageEvent:

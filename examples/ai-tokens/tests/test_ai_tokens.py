@@ -70,7 +70,7 @@ async def test_the_cost_reaches_the_stripe_meter_once_after_an_outage(
         first = await harness.send(request("req-9"))
         again = await harness.send(request("req-9"))
         missing = await harness.send(request("req-10", stripe_customer_id=None))
-    assert first.acked and first.attempts >= 2 and again.acked  # retried through the outage, then applied
+    assert first.acked and first.deliveries >= 2 and again.acked  # retried through the outage, then applied
     events = [e for e in stripe_double.meter_events if e["event_name"] == "ai_spend"]
     assert len(events) == 1 and events[0]["payload"]["value"] == "6000"
     assert events[0]["payload"]["stripe_customer_id"] == "cus_Q1"

@@ -15,11 +15,13 @@ handler_options = { prices = { "gpt-4o" = { input = "2.50", output = "10.00" } }
 
 Prices are in currency units per million tokens, so a request costs `input_tokens × input +
 output_tokens × output` micro-units (rounded half-even to a whole micro-unit). One Lua script
-records the request id and adds the tokens and the cost to the workspace's month
-(`billingd:aitokens:{ws}:usage:<YYYY-MM>`: fields `<model>:input`, `<model>:output`,
-`cost_micros`) — a second copy of the message finds the id and adds nothing. With `meter` set, the
-cost in micro-units is reported once to that Stripe meter for the request's `stripe_customer_id`
-(identifier derived from workspace and request id: two workspaces may reuse request ids).
+records the request (its id, cost and time) and adds the tokens and the cost to the workspace's
+month (`billingd:aitokens:{ws}:usage:<YYYY-MM>`: fields `<model>:input`, `<model>:output`,
+`cost_micros`) — a second copy of the message finds the record and adds nothing. With `meter`
+set, the cost in micro-units is reported once to that Stripe meter for the request's
+`stripe_customer_id`, with the cost and time the record holds (a retry a day later, or after the
+prices changed, reports what was counted, when it was counted) and `meter_identifier(workspace,
+"ai_tokens", request id)` as Stripe's identifier (two workspaces may reuse request ids).
 
 Dead letters: a model without a price, token counts that are not whole non-negative numbers, a
 request without a customer when a meter is configured. Redis or Stripe unavailable: retried.
@@ -43,12 +45,13 @@ from billingd.api import (
     JsonDecoder,
     Ledger,
     Message,
+    MeterEventExists,
     OnceLedger,
     Outcome,
     Script,
     StripeGateway,
+    meter_identifier,
     redis_key,
-    stripe_key,
     to_micros_rounded,
 )
 
@@ -96,37 +99,50 @@ class TokenUsage(msgspec.Struct, frozen=True):
 
 
 _RECORD = Script.of("""
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+local seen = redis.call('HMGET', KEYS[1], 'cost', 'at')
+if seen[1] then return {0, tonumber(seen[1]), tonumber(seen[2])} end
+redis.call('HSET', KEYS[1], 'cost', ARGV[5], 'at', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':input', ARGV[3])
 redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':output', ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'cost_micros', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-return 1
+return {1, tonumber(ARGV[5]), tonumber(ARGV[7])}
 """)
 
 
 class TokenLedger(Ledger):
     """The workspaces' token counters and request ids in Redis."""
 
-    async def record(self, usage: TokenUsage, cost_micros: int, dedup_ttl: int, month: str) -> bool:
-        """Add one request's tokens and cost unless its id was recorded; returns whether it was added now.
+    async def record(self, usage: TokenUsage, cost_micros: int, dedup_ttl: int, now: int) -> tuple[bool, int, int]:
+        """Add one request's tokens and cost (at `now`, Unix seconds) unless it was recorded;
+        returns `(added now, cost in micro-units, when it was recorded)` — a duplicate's are the
+        first copy's.
 
         Raises:
             DownstreamUnavailable, DownstreamRejected: from `Ledger.run`.
         """
         seen = redis_key("aitokens", "seen", usage.request_id, tag=usage.workspace_id)
+        month = time.strftime("%Y-%m", time.gmtime(now))
         counters = redis_key("aitokens", "usage", month, tag=usage.workspace_id)
         keep = 400 * 86400  # a month's counters outlive the invoice that bills them
-        args = (dedup_ttl, usage.model, usage.input_tokens, usage.output_tokens, cost_micros, keep)
-        return bool(await self.run(_RECORD, (seen, counters), args))
+        args = (dedup_ttl, usage.model, usage.input_tokens, usage.output_tokens, cost_micros, keep, now)
+        added, cost, at = await self.run(_RECORD, (seen, counters), args)
+        return bool(added), int(cost), int(at)
 
 
 class AiTokensHandler:
     """Applies `TokenUsage` messages (see module docstring)."""
 
     def __init__(
-        self, ledger: TokenLedger, once: OnceLedger, stripe: StripeGateway | None, options: AiTokensOptions
+        self,
+        ledger: TokenLedger,
+        once: OnceLedger,
+        stripe: StripeGateway | None,
+        options: AiTokensOptions,
+        lease: float = 60.0,
     ) -> None:
+        self._lease = lease
         self._ledger = ledger
         self._once = once
         self._stripe = stripe
@@ -147,28 +163,32 @@ class AiTokensHandler:
         cost = to_micros_rounded(
             (usage.input_tokens * price.input + usage.output_tokens * price.output).scaleb(-6), "cost"
         )
-        now = int(time.time())
-        month = time.strftime("%Y-%m", time.gmtime(now))
-        await self._ledger.record(usage, cost, int(self._options.dedup_ttl), month)
+        _, cost, at = await self._ledger.record(usage, cost, int(self._options.dedup_ttl), int(time.time()))
         if self._stripe is None or cost == 0:
             return ACK
         stripe, customer = self._stripe, usage.stripe_customer_id or ""
-        identifier = stripe_key(f"aitok-{usage.workspace_id}-{usage.request_id}", 100)
+        identifier = meter_identifier(usage.workspace_id, "ai_tokens", usage.request_id)
 
         async def report() -> None:
-            await stripe.create_meter_event(
-                event_name=self._options.meter, customer=customer, value=cost, identifier=identifier, timestamp=now
-            )
+            try:
+                await stripe.create_meter_event(
+                    event_name=self._options.meter, customer=customer, value=cost, identifier=identifier, timestamp=at
+                )
+            except MeterEventExists as exc:  # (v1) Stripe holds this very event: sent before
+                if exc.identifier != identifier:
+                    raise
 
         step = f"aitokens-meter:{usage.request_id}"
-        await self._once.run_once(usage.workspace_id, step, report, lease=60.0, ttl=int(self._options.dedup_ttl))
+        await self._once.run_once(usage.workspace_id, step, report, lease=self._lease, ttl=int(self._options.dedup_ttl))
         return ACK
 
 
 def _build(context: HandlerContext, options: AiTokensOptions) -> AiTokensHandler:
     clients = context.clients
     stripe = clients.stripe if options.meter else None
-    return AiTokensHandler(clients.ledger(TokenLedger), clients.once, stripe, options)
+    # the lease outlives one Stripe step: a budget slot, the call, a session renewal (as `usage`)
+    lease = 3 * float(context.stripe.max_wait) + 2 * float(context.stripe.timeout) + 5
+    return AiTokensHandler(clients.ledger(TokenLedger), clients.once, stripe, options, lease)
 
 
 SPEC = HandlerSpec("ai_tokens", AiTokensOptions, _build, "AI token usage priced per model (example plugin)")
