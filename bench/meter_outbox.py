@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.common import seconds_to_settle
 from bench.compare import drop_amqp
 from bench.stripe_meters import preload
 from billingd.clients import Clients, Unguarded
@@ -62,15 +63,11 @@ async def delivery_row(mode: str, events: int, customers: int, latency: float) -
         stripe["api_base"] = double.url
         async with running(make_settings([source], stripe=stripe)) as daemon:
             acked = daemon.metrics.processed.labels(source["name"], "ack")
-            started = None
-            while acked._value.get() < events:
-                if started is None and acked._value.get():
-                    started = time.perf_counter()
-                await asyncio.sleep(0.005)
-            intake = time.perf_counter() - (started or time.perf_counter())
+            intake = await seconds_to_settle(acked._value.get, events)  # from the first ack
+            acks_done = time.perf_counter()
             while len(double.meter_events) < events:
                 await asyncio.sleep(0.01)
-            billed = time.perf_counter() - (started or time.perf_counter())
+            billed = intake + time.perf_counter() - acks_done
         requests = len([r for r in double.requests if "meter_event" in r.path])
     await drop_amqp(source)
     await redis.aclose()

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 from typing import Any
 
 import aio_pika
@@ -36,6 +35,7 @@ import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.common import seconds_to_settle
 from bench.compare import drop_amqp
 from billingd.clients import Unguarded
 from billingd.clients.ledger import UsageLedger
@@ -97,12 +97,7 @@ async def row(
                     d.metrics.processed.labels(name, o)._value.get() for d in daemons for o in ("ack", "dead_letter")
                 )
 
-            started = None
-            while settled() < events:
-                if started is None and (settled() or double.requests):
-                    started = time.perf_counter()
-                await asyncio.sleep(0.005)
-            elapsed = time.perf_counter() - (started or time.perf_counter())
+            elapsed = await seconds_to_settle(settled, events, started=lambda: bool(double.requests))
             dead = sum(d.metrics.processed.labels(name, "dead_letter")._value.get() for d in daemons)
             retries = sum(d.metrics.processed.labels(name, "retry")._value.get() for d in daemons)
             waited = sum(

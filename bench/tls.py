@@ -27,6 +27,7 @@ import msgspec
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.common import seconds_to_settle
 from billingd.config.model import TlsSettings
 from billingd.config.tls import client_context
 from billingd.daemon.logging import configure_logging
@@ -89,12 +90,7 @@ async def billingd_row(amqp_url: str, redis: dict[str, Any], events: int, tls: T
     await preload(amqp_url, source, events, tls if amqp_tls else None)
     async with running(make_settings([source], redis=redis)) as daemon:
         acked = daemon.metrics.processed.labels(source["name"], "ack")
-        started = None
-        while acked._value.get() < events:
-            if started is None and acked._value.get():
-                started = time.perf_counter()
-            await asyncio.sleep(0.005)
-        seconds = time.perf_counter() - (started or time.perf_counter())
+        seconds = await seconds_to_settle(acked._value.get, events)
     return events / seconds
 
 
