@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import anyio
 
 from billingd import __version__
-from billingd.config import ConfigError
+from billingd.config import ConfigError, Settings
 from billingd.config.secrets import secrets_of
 from billingd.daemon.app import Daemon
 from billingd.daemon.check import broker_warnings, describe, handler_lines, redis_durability, stripe_meter_check
@@ -25,7 +25,7 @@ from billingd.daemon.metering_cli import add_metering_commands, run_metering_too
 from billingd.daemon.notify import Notifier
 from billingd.daemon.tools_cli import add_commands, run_tool
 from billingd.daemon.validation import validate
-from billingd.handlers.registry import discover
+from billingd.handlers.registry import HandlerRegistry, discover
 from billingd.telemetry.redact import Redactor
 from billingd.telemetry.tracing import Tracing, TracingMisconfigured
 
@@ -72,67 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = validate(path, handlers)
     except ConfigError as exc:
-        print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refuse(path, exc.errors)
     try:
         tracing = Tracing(__version__)
     except TracingMisconfigured as exc:
         print(f"billingd: invalid tracing configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
-        print(f"{path}: OK ({len(settings.sources)} sources: {', '.join(s.name for s in settings.sources)})")
-        print(f"  traces: {'on (OpenTelemetry, from the OTEL_* variables)' if tracing.enabled else 'off'}")
-        for line in describe(settings, handlers):
-            print(line)
-        for line in handler_lines(settings, handlers):
-            print(line)
-        if not args.offline:
-            connections, insecure, refused_tls = anyio.run(connection_report, settings, backend="asyncio")
-            print("connections:")
-            for line in connections:
-                print(line)
-            if insecure:
-                print("warnings (connections):")
-                for line in insecure:
-                    print(line)
-            if refused_tls:
-                print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
-                for error in refused_tls:
-                    print(f"  {error}", file=sys.stderr)
-                return EXIT_CONFIG
-        meters, refused = ([], []) if args.offline else anyio.run(stripe_meter_check, settings, backend="asyncio")
-        for line in meters:
-            print(line)
-        if refused:
-            print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
-            for error in refused:
-                print(f"  {error}", file=sys.stderr)
-            return EXIT_CONFIG
-        warnings = [] if args.offline else anyio.run(broker_warnings, settings, handlers, backend="asyncio")
-        if warnings:
-            print("warnings (idempotency records vs. how long a message can wait):")
-            for line in warnings:
-                print(line)
-        durability, volatile = ([], False) if args.offline else anyio.run(redis_durability, settings, backend="asyncio")
-        if durability:
-            print("warnings (the ledger's durability):")
-            for line in durability:
-                print(line)
-        from billingd.metering.service import wants_sender
-
-        outbox = wants_sender(settings) and settings.stripe.meter_delivery == "outbox"
-        if volatile and outbox and not settings.stripe.outbox_on_volatile_redis:
-            print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
-            print(
-                "  stripe.meter_delivery: the meter outbox lives in Redis, and this Redis has neither persistence nor "
-                "replicas: a restart loses every meter event not yet sent. Turn on appendonly, add a replica, use "
-                'meter_delivery = "inline", or set stripe.outbox_on_volatile_redis = true to accept it',
-                file=sys.stderr,
-            )
-            return EXIT_CONFIG
-        return 0
+        return _check(path, settings, handlers, tracing.enabled, offline=args.offline)
     redactor = Redactor(secrets_of(settings, os.environ))
     configure_logging(settings.daemon.log_level, settings.daemon.log_format, redactor=redactor)
     try:
@@ -149,3 +96,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"billingd: cannot serve HTTP on {settings.http.listen}: {exc}", file=sys.stderr)
         return EXIT_FORCED
+
+
+def _check(path: str, settings: Settings, handlers: HandlerRegistry, traces: bool, *, offline: bool) -> int:
+    """`billingd check` after the config validated: what it will do, then (online) every
+    connection, the Stripe meters, the brokers' retention and Redis's durability. Returns 0, or
+    `EXIT_CONFIG` for what the connections refuse."""
+    print(f"{path}: OK ({len(settings.sources)} sources: {', '.join(s.name for s in settings.sources)})")
+    print(f"  traces: {'on (OpenTelemetry, from the OTEL_* variables)' if traces else 'off'}")
+    _print_lines(describe(settings, handlers) + handler_lines(settings, handlers))
+    if offline:
+        return 0
+    connections, insecure, refused_tls = anyio.run(connection_report, settings, backend="asyncio")
+    _print_lines(["connections:", *connections])
+    _print_lines(insecure, "warnings (connections):")
+    if refused_tls:
+        return _refuse(path, refused_tls)
+    meters, refused = anyio.run(stripe_meter_check, settings, backend="asyncio")
+    _print_lines(meters)
+    if refused:
+        return _refuse(path, refused)
+    warnings = anyio.run(broker_warnings, settings, handlers, backend="asyncio")
+    _print_lines(warnings, "warnings (idempotency records vs. how long a message can wait):")
+    durability, volatile = anyio.run(redis_durability, settings, backend="asyncio")
+    _print_lines(durability, "warnings (the ledger's durability):")
+    from billingd.metering.service import wants_sender
+
+    outbox = wants_sender(settings) and settings.stripe.meter_delivery == "outbox"
+    if volatile and outbox and not settings.stripe.outbox_on_volatile_redis:
+        return _refuse(path, [
+            "stripe.meter_delivery: the meter outbox lives in Redis, and this Redis has neither persistence nor "
+            "replicas: a restart loses every meter event not yet sent. Turn on appendonly, add a replica, use "
+            'meter_delivery = "inline", or set stripe.outbox_on_volatile_redis = true to accept it'
+        ])  # fmt: skip
+    return 0
+
+
+def _print_lines(lines: Sequence[str], title: str = "") -> None:
+    """`lines` on stdout, under `title` when there are any."""
+    if lines and title:
+        print(title)
+    for line in lines:
+        print(line)
+
+
+def _refuse(path: str, errors: Sequence[str]) -> int:
+    """Print `errors` as an invalid configuration of `path` on stderr; returns `EXIT_CONFIG`."""
+    print(f"billingd: invalid configuration in {path}:", file=sys.stderr)
+    for error in errors:
+        print(f"  {error}", file=sys.stderr)
+    return EXIT_CONFIG
